@@ -105,9 +105,10 @@ def manifest(s: Spec) -> list[Param]:
     norm("recurrent.norm", s.dim, "recurrent")
     block("recurrent.block", "recurrent", moe=r.ffn == "moe")
     if r.lora_rank > 0:
-        linear("recurrent.lora.down", s.dim, r.lora_rank, "recurrent")
+        # a module's own tensors come before its children's in torch's order
         add("recurrent.lora.B", (r.lora_rank, s.dim), std, "param", "recurrent")
         add("recurrent.lora.scale", (r.max_loop_iters, r.lora_rank), std, "param", "recurrent")
+        linear("recurrent.lora.down", s.dim, r.lora_rank, "recurrent")
     add("recurrent.injection.log_A", (s.dim,), ("zeros",), "param", "recurrent")
     add("recurrent.injection.log_dt", (1,), ("zeros",), "param", "recurrent")
     add("recurrent.injection.B", (s.dim,), ("const", 0.1), "param", "recurrent")

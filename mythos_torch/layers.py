@@ -1,0 +1,55 @@
+"""Leaf layers: RMSNorm, RoPE, SwiGLU (ARCHITECTURE.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float64 for a float64 model, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w over the last dim; float32 for bfloat16 inputs."""
+    # bfloat16 is normalised in float32 and cast back (both twins)
+    xf = x.to(acc_dtype(x.dtype))
+    rms = xf.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+    return (xf * rms * w.to(xf.dtype)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-channel weight (`weight`, ones at init)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, T, H, K) by cos/sin (T, K/2), in their dtype."""
+    # the rotation runs in the table's dtype: the activation dtype, float32 for bfloat16, and
+    # float32 under openmythos-0.5 even in a float64 model (open-mythos' x.float())
+    x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, K/2) each
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False, dtype=dtype)
+        self.up = nn.Linear(dim, hidden, bias=False, dtype=dtype)
+        self.down = nn.Linear(hidden, dim, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))

@@ -1,0 +1,277 @@
+"""The whole model: prelude, recurrent loop with ACT, coda, tied head (ARCHITECTURE.md section 1)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Mapping, NamedTuple
+
+import ml_dtypes
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spec import Spec, init_arrays, loop_table, manifest, rope_table
+
+from .attention import GQAttention, MLAttention
+from .layers import RMSNorm, SwiGLU, acc_dtype
+from .moe import MoE
+from .recurrent import RecurrentBlock, act_step
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, dim: int, attn: GQAttention | MLAttention, ffn: SwiGLU | MoE, eps: float, *,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps, dtype=dtype)
+        self.attn = attn
+        self.ffn_norm = RMSNorm(dim, eps, dtype=dtype)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_idx: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        f = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            f, idx, margin = self.ffn(f, force_idx)
+        else:
+            B, T, _ = x.shape
+            f = self.ffn(f)
+            idx = torch.empty(B, T, 0, dtype=torch.int32, device=x.device)
+            margin = torch.full((B, T), float("inf"), dtype=acc_dtype(x.dtype), device=x.device)
+        return x + f, idx, margin
+
+
+def make_block(spec: Spec, moe: bool, *, dtype: torch.dtype) -> Block:
+    """A prelude/coda block (dense SwiGLU) or the looped block (MoE or dense, by spec)."""
+    a, d = spec.attention, spec.dim
+    if a.type == "gqa":
+        attn = GQAttention(d, a.n_heads, a.n_kv_heads, dtype=dtype)
+    else:
+        attn = MLAttention(d, a.n_heads, a.q_lora_rank, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim,
+                           a.v_head_dim, spec.norm_eps, dtype=dtype)
+    ffn = MoE(d, spec.moe, dtype=dtype) if moe else SwiGLU(d, spec.ffn_hidden, dtype=dtype)
+    return Block(d, attn, ffn, spec.norm_eps, dtype=dtype)
+
+
+class Traces(NamedTuple):
+    """Per loop step, leading dim N; rows of steps not run hold the fill value in brackets."""
+    state_norm: torch.Tensor  # (N, B, T) act dtype, ||h_t|| of the new state [0]
+    halt_p: torch.Tensor  # (N, B, T) acc dtype, p_t [0]
+    cum_p: torch.Tensor  # (N, B, T) acc dtype, c after the step [0]
+    running: torch.Tensor  # (N, B, T) bool, running before the step (takes weight at it) [False]
+    expert_idx: torch.Tensor  # (N, B, T, k) int32, slot order = descending biased logit [-1]
+    router_margin: torch.Tensor  # (N, B, T) acc dtype, k-th minus (k+1)-th biased logit [+inf]
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, V) model dtype
+    loop_counts: torch.Tensor  # (B, T) int32, step at which the position halted (1-based), or N
+    halted: torch.Tensor  # (B, T) bool, halted by its decision
+    n_steps: int  # loop steps executed
+    traces: Traces
+
+
+class Mythos(nn.Module):
+    """Prelude blocks, one looped block with ACT, coda blocks, tied (or separate) head."""
+
+    def __init__(self, spec: Spec, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        self.embed = nn.Embedding(spec.vocab_size, d, dtype=dtype)
+        self.prelude = nn.ModuleList([make_block(spec, False, dtype=dtype) for _ in range(spec.prelude_layers)])
+        looped = make_block(spec, spec.recurrent.ffn == "moe", dtype=dtype)
+        self.recurrent = RecurrentBlock(spec, looped, dtype=dtype)
+        self.coda = nn.ModuleList([make_block(spec, False, dtype=dtype) for _ in range(spec.coda_layers)])
+        self.norm = RMSNorm(d, spec.norm_eps, dtype=dtype)
+        self.head = None if spec.tie_embeddings else nn.Linear(d, spec.vocab_size, bias=False, dtype=dtype)
+        # RoPE tables from spec.rope_table, in the rotation dtype: float64 only for a float64 model
+        # under mythos semantics (openmythos-0.5 rotates in float32, as open-mythos' x.float())
+        rot = dtype if dtype == torch.float64 and spec.semantics == "mythos" else torch.float32
+        cos, sin = rope_table(spec)
+        self.register_buffer("rope_cos", torch.from_numpy(cos).to(rot), persistent=False)  # (max_seq_len, K/2)
+        self.register_buffer("rope_sin", torch.from_numpy(sin).to(rot), persistent=False)
+
+    def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
+                force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None) -> ModelOutput:
+        """Logits, loop counts and traces for token ids.
+
+        Args:
+            ids: (B, T) integer token ids, T <= spec.max_seq_len.
+            n_loops: loop steps N (>= 1); None -> spec.recurrent.max_loop_iters.
+            early_exit: stop once no position is running (the result equals running all N steps).
+            force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold.
+            force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
+        Returns:
+            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces).
+        """
+        ids = self._check_ids(ids)
+        N = self._check_loops(n_loops)
+        B, T = ids.shape
+        force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
+        # positions 0..T-1 (absolute positions: a KV cache will offset them by start_pos)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(ids)  # (B, T, D)
+        for block in self.prelude:
+            x, _, _ = block(x, cos, sin)
+        y, counts, halted, n_steps, traces = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts)
+        for block in self.coda:
+            y, _, _ = block(y, cos, sin)
+        y = self.norm(y)
+        logits = F.linear(y, self.embed.weight) if self.head is None else self.head(y)  # (B, T, V)
+        return ModelOutput(logits, counts, halted, n_steps, traces)
+
+    def loop(self, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, N: int, early_exit: bool,
+             force_halt: torch.Tensor | None, force_experts: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces."""
+        s = self.spec
+        B, T, _ = e.shape
+        act, dev = acc_dtype(e.dtype), e.device
+        # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
+        rows = torch.from_numpy(loop_table(s, N, DTYPE_NAMES[e.dtype])).to(e.dtype).to(dev)  # (N, L)
+        graves = s.halting.remainder == "graves"
+        h, y = e, torch.zeros_like(e)
+        c = torch.zeros(B, T, dtype=act, device=dev)
+        running = torch.ones(B, T, dtype=torch.bool, device=dev)
+        halted = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        counts = torch.full((B, T), N, dtype=torch.int32, device=dev)
+        steps: list[tuple[torch.Tensor, ...]] = []
+        for t in range(N):
+            fx = None if force_experts is None else force_experts[t]
+            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx)
+            forced = None if force_halt is None else force_halt == t + 1
+            w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves and t == N - 1, forced)
+            y = y + w.to(h.dtype)[..., None] * h
+            counts = torch.where(halts, t + 1, counts)
+            halted = halted | halts
+            norm = torch.linalg.vector_norm(h.to(act), dim=-1).to(h.dtype)
+            steps.append((norm, p, c_new, running, idx, margin))
+            c, running = c_new, still
+            if early_exit and not bool(running.any()):
+                break
+        fills = (0, 0, 0, False, -1, float("inf"))
+        traces = Traces(*(_stack_steps(list(col), N, fill) for col, fill in zip(zip(*steps), fills)))
+        return y, counts, halted, len(steps), traces
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids as a (B, T) int64 tensor within the vocabulary and max_seq_len, or a clear ValueError."""
+        ids = torch.as_tensor(ids, device=self.embed.weight.device)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"ids must have shape (B, T) with T >= 1, got {tuple(ids.shape)}")
+        if ids.shape[1] > self.spec.max_seq_len:
+            raise ValueError(f"ids has T={ids.shape[1]} tokens, more than max_seq_len={self.spec.max_seq_len}")
+        ids = ids.long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
+            raise ValueError(f"ids must lie in [0, vocab_size={self.spec.vocab_size}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids
+
+    def _check_loops(self, n_loops: int | None) -> int:
+        """n_loops or the spec default, >= 1."""
+        if n_loops is None:
+            return self.spec.recurrent.max_loop_iters
+        if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral) or n_loops < 1:
+            raise ValueError(f"n_loops={n_loops!r} must be an integer >= 1 (None means "
+                             f"recurrent.max_loop_iters={self.spec.recurrent.max_loop_iters})")
+        return int(n_loops)
+
+    def _check_force(self, force_halt: torch.Tensor | None, force_experts: torch.Tensor | None, N: int, B: int,
+                     T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Shape and range checks of the replay inputs; returns both as int64 tensors on the model's device."""
+        k = self.spec.moe.top_k if self.spec.recurrent.ffn == "moe" else 0
+        dev = self.embed.weight.device
+        if force_experts is not None:
+            force_experts = torch.as_tensor(force_experts, device=dev).long()
+            if tuple(force_experts.shape) != (N, B, T, k):
+                raise ValueError(f"force_experts must have shape (N, B, T, k) = {(N, B, T, k)}, "
+                                 f"got {tuple(force_experts.shape)}")
+            # -1, the trace fill of steps not run, is allowed: such a position keeps its top-k choice
+            E = self.spec.moe.n_experts
+            if force_experts.numel() and (int(force_experts.min()) < -1 or int(force_experts.max()) >= E):
+                raise ValueError(f"force_experts must name experts in 0..{E - 1} (or -1: not forced), got values "
+                                 f"in [{int(force_experts.min())}, {int(force_experts.max())}]")
+        if force_halt is None:
+            return None, force_experts
+        force_halt = torch.as_tensor(force_halt, device=dev)
+        if tuple(force_halt.shape) != (B, T):
+            raise ValueError(f"force_halt must have shape (B, T) = {(B, T)}, got {tuple(force_halt.shape)}")
+        force_halt = force_halt.long()
+        if int(force_halt.min()) < 0 or int(force_halt.max()) > N:
+            raise ValueError(f"force_halt values must lie in 0..N={N} (0: never halt by threshold), got "
+                             f"[{int(force_halt.min())}, {int(force_halt.max())}]")
+        return force_halt, force_experts
+
+
+def _stack_steps(rows: list[torch.Tensor], n: int, fill: float | bool | int) -> torch.Tensor:
+    """Stack per-step rows to (n, ...), steps not run filled with `fill`."""
+    x = torch.stack(rows)
+    return torch.cat([x, x.new_full((n - len(rows), *x.shape[1:]), fill)])
+
+
+def load_arrays(model: Mythos, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy NumPy arrays (torch layout, keyed by manifest path) into the model, cast to its dtype.
+
+    Every missing key, unexpected key and shape mismatch is collected first, then one ValueError.
+    """
+    target = model.state_dict()  # manifest path -> tensor sharing storage with the model
+    errors = [f"unexpected key {k!r}" for k in arrays if k not in target]
+    for k, t in target.items():
+        if k not in arrays:
+            errors.append(f"missing key {k!r} {tuple(t.shape)}")
+        elif tuple(np.shape(arrays[k])) != tuple(t.shape):
+            errors.append(f"{k}: shape {tuple(np.shape(arrays[k]))}, expected {tuple(t.shape)}")
+    if errors:
+        raise ValueError(f"load_arrays: {len(errors)} problem(s), nothing loaded:\n  " + "\n  ".join(errors))
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(_to_torch(arrays[k], t.dtype))
+
+
+def dump_arrays(model: Mythos) -> dict[str, np.ndarray]:
+    """Every manifest tensor as a NumPy array in torch layout (bfloat16 as ml_dtypes.bfloat16)."""
+    sd = model.state_dict()
+    return {p.path: _to_numpy(sd[p.path]) for p in manifest(model.spec)}
+
+
+def _to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A NumPy array as a CPU tensor of dtype; the cast is done by NumPy (ml_dtypes for bfloat16)."""
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: ml_dtypes.bfloat16}[dtype]
+    a = np.ascontiguousarray(np.asarray(a).astype(np_dtype))
+    if dtype == torch.bfloat16:
+        # NumPy has no bfloat16: move its uint16 bit pattern, exactly
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a NumPy copy; bfloat16 via its uint16 bit pattern as ml_dtypes.bfloat16."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def build(spec: Spec, seed: int = 0, dtype: str = "float32",
+          weights: Mapping[str, np.ndarray] | None = None) -> Mythos:
+    """A Mythos model in dtype ("float32" | "float64" | "bfloat16") holding spec.init_arrays(spec, seed) or weights."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    model = Mythos(spec, dtype=DTYPES[dtype])
+    load_arrays(model, init_arrays(spec, seed) if weights is None else weights)
+    return model
+
+
+def forward(model: Mythos, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
+            force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None) -> ModelOutput:
+    """model(ids, ...): the same call as the JAX twin's compiled forward."""
+    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts)

@@ -1,0 +1,119 @@
+"""The looped block: loop-index embedding, depth-wise LoRA, LTI injection, ACT (ARCHITECTURE.md 2-4)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spec import Spec
+
+from .layers import RMSNorm, acc_dtype
+
+if TYPE_CHECKING:
+    from .model import Block
+
+
+def add_loop_embedding(h: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """h (B, T, D) plus one loop_table row (L,) on its first L channels."""
+    return h + F.pad(row, (0, h.shape[-1] - row.shape[-1]))
+
+
+class LoRA(nn.Module):
+    """Depth-wise LoRA: (down(o) * scale[min(t, N_train - 1)]) @ B."""
+
+    def __init__(self, dim: int, rank: int, n_train: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False, dtype=dtype)
+        self.B = nn.Parameter(torch.empty(rank, dim, dtype=dtype))
+        self.scale = nn.Parameter(torch.empty(n_train, rank, dtype=dtype))
+
+    def forward(self, o: torch.Tensor, t: int) -> torch.Tensor:
+        # steps beyond training depth reuse the last trained scale row (depth extrapolation)
+        s = self.scale[min(t, self.scale.shape[0] - 1)]  # (r,)
+        return (self.down(o) * s) @ self.B
+
+
+class LTIInjection(nn.Module):
+    """Stable injection h' = A*h + B*e + o with a per-channel decay A in (0, 1)."""
+
+    def __init__(self, dim: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim, dtype=dtype))
+        self.log_dt = nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.B = nn.Parameter(torch.full((dim,), 0.1, dtype=dtype))
+
+    def decay(self) -> torch.Tensor:
+        """A = exp(-exp(clip(log_dt + log_A, -20, 20))), (D,), strictly inside (0, 1)."""
+        A = torch.exp(-torch.exp((self.log_dt + self.log_A).clamp(-20, 20)))
+        # at the ends of the clip exp(-exp(.)) rounds to 0 or 1; keep A strictly inside (0, 1)
+        # (a no-op unless |log_dt + log_A| > ~4.4 in float32, so open-mythos parity is unaffected)
+        fi = torch.finfo(A.dtype)
+        return A.clamp(fi.tiny, 1.0 - fi.eps / 2)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return self.decay() * h + self.B * e + o
+
+
+class HaltMLP(nn.Module):
+    """Halting head d -> hidden -> 1 with SiLU (`fc1`, `fc2`)."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, 1, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(h)))
+
+
+class ACT(nn.Module):
+    """Halting probability p = sigmoid(halt(h)) of the new state, (B, T) in acc dtype."""
+
+    def __init__(self, dim: int, head: str, mlp_hidden: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.halt = nn.Linear(dim, 1, dtype=dtype) if head == "linear" else HaltMLP(dim, mlp_hidden, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.halt(h).squeeze(-1).to(acc_dtype(h.dtype)))
+
+
+def act_step(p: torch.Tensor, c: torch.Tensor, running: torch.Tensor, threshold: float, last: bool,
+             forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ACT step (ARCHITECTURE.md section 4) on (B, T) -> (weight, new c, still running, halts now).
+
+    last: Graves' remainder, every running position halts now. forced (B, T) bool replaces the
+    threshold decision (replay of force_halt).
+    """
+    decide = c + p >= threshold if forced is None else forced
+    halts = running & (decide | last)
+    w = torch.where(running, torch.where(halts, 1.0 - c, p), torch.zeros_like(p))
+    c = c + torch.where(running, p, torch.zeros_like(p))  # open-mythos: c + p * running
+    return w, c, running & ~halts, halts
+
+
+class RecurrentBlock(nn.Module):
+    """One loop step (ARCHITECTURE.md section 3): embed t, block, LoRA, LTI injection, halting p."""
+
+    def __init__(self, spec: Spec, block: Block, *, dtype: torch.dtype):
+        super().__init__()
+        r, d = spec.recurrent, spec.dim
+        self.norm = RMSNorm(d, spec.norm_eps, dtype=dtype)
+        self.block = block
+        self.lora = LoRA(d, r.lora_rank, r.max_loop_iters, dtype=dtype) if r.lora_rank > 0 else None
+        self.injection = LTIInjection(d, dtype=dtype)
+        self.act = ACT(d, spec.halting.head, spec.halting.mlp_hidden, dtype=dtype)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, t: int, row: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, force_idx: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step t: h (B, T, D) -> new h, halting p (B, T), expert idx (B, T, k), router margin (B, T)."""
+        # the loop embedding feeds the block input only; the injection uses the un-embedded h
+        n = self.norm(add_loop_embedding(h, row) + e)  # (h + emb) + e, open-mythos' association
+        o, idx, margin = self.block(n, cos, sin, force_idx)
+        if self.lora is not None:
+            o = o + self.lora(o, t)
+        h = self.injection(h, e, o)
+        return h, self.act(h), idx, margin
