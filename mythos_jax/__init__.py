@@ -1,0 +1,29 @@
+"""Mythos in JAX / Flax NNX: the recurrent-depth ("looped") transformer of ARCHITECTURE.md, built from a spec.
+
+    >>> import spec, mythos_jax as mj
+    >>> mj.set_parity_precision()              # float64 models need jax_enable_x64
+    >>> model = mj.build(spec.preset("tiny"), seed=0, dtype="float64")
+    >>> out = mj.forward(model, ids)           # compiled: ModelOutput(logits, loop_counts, halted, n_steps, traces)
+
+Importing the package sets jax_default_matmul_precision="float32" (precision.py).
+
+Shape legend for every comment and einsum string in this package:
+    B batch, T tokens in this call, S key positions, D model width, H heads, K per-head width,
+    N loop steps of this call, E routed experts (k of them chosen per token).
+"""
+
+from .attention import GQAttention, MLAttention, causal_attention
+from .layers import RMSNorm, SwiGLU, apply_rope, rms_norm
+from .model import Block, ModelOutput, Mythos, Traces, build, dump_arrays, forward, load_arrays
+from .moe import MoE, Experts, expert_load, route, update_router_bias
+from .precision import set_parity_precision
+from .recurrent import ACT, HaltMLP, LoRA, LTIInjection, RecurrentBlock, act_step, add_loop_embedding
+
+__all__ = [
+    "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
+    "causal_attention", "GQAttention", "MLAttention",
+    "route", "Experts", "MoE", "expert_load", "update_router_bias",
+    "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
+    "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
+    "set_parity_precision",
+]

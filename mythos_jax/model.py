@@ -1,0 +1,332 @@
+"""The whole model: prelude, recurrent loop with ACT, coda, tied head (ARCHITECTURE.md section 1)."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spec import Param, Spec, init_arrays, loop_table, manifest, rope_table
+
+from .attention import GQAttention, MLAttention
+from .layers import RMSNorm, SwiGLU, acc_dtype
+from .moe import MoE
+from .precision import x64_enabled
+from .recurrent import RecurrentBlock, act_step
+
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, dim: int, attn: GQAttention | MLAttention, ffn: SwiGLU | MoE, eps: float, *,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(dim, eps, dtype=dtype, rngs=rngs)
+        self.attn = attn
+        self.ffn_norm = RMSNorm(dim, eps, dtype=dtype, rngs=rngs)
+        self.ffn = ffn
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, force_idx: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        f = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            f, idx, margin = self.ffn(f, force_idx)
+        else:
+            B, T, _ = x.shape
+            f = self.ffn(f)
+            idx = jnp.zeros((B, T, 0), dtype=jnp.int32)
+            margin = jnp.full((B, T), jnp.inf, dtype=acc_dtype(x.dtype))
+        return x + f, idx, margin
+
+
+def make_block(spec: Spec, moe: bool, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> Block:
+    """A prelude/coda block (dense SwiGLU) or the looped block (MoE or dense, by spec)."""
+    a, d = spec.attention, spec.dim
+    if a.type == "gqa":
+        attn = GQAttention(d, a.n_heads, a.n_kv_heads, dtype=dtype, rngs=rngs)
+    else:
+        attn = MLAttention(d, a.n_heads, a.q_lora_rank, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim,
+                           a.v_head_dim, spec.norm_eps, dtype=dtype, rngs=rngs)
+    ffn = MoE(d, spec.moe, dtype=dtype, rngs=rngs) if moe else SwiGLU(d, spec.ffn_hidden, dtype=dtype, rngs=rngs)
+    return Block(d, attn, ffn, spec.norm_eps, dtype=dtype, rngs=rngs)
+
+
+class Traces(NamedTuple):
+    """Per loop step, leading dim N; rows of steps not run hold the fill value in brackets."""
+    state_norm: jax.Array  # (N, B, T) act dtype, ||h_t|| of the new state [0]
+    halt_p: jax.Array  # (N, B, T) acc dtype, p_t [0]
+    cum_p: jax.Array  # (N, B, T) acc dtype, c after the step [0]
+    running: jax.Array  # (N, B, T) bool, running before the step (takes weight at it) [False]
+    expert_idx: jax.Array  # (N, B, T, k) int32, slot order = descending biased logit [-1]
+    router_margin: jax.Array  # (N, B, T) acc dtype, k-th minus (k+1)-th biased logit [+inf]
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # (B, T, V) model dtype
+    loop_counts: jax.Array  # (B, T) int32, step at which the position halted (1-based), or N
+    halted: jax.Array  # (B, T) bool, halted by its decision
+    n_steps: jax.Array  # () int32, loop steps executed
+    traces: Traces
+
+
+# The loop carry: (h, y, c, running, halted, loop counts).
+Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+class Mythos(nnx.Module):
+    """Prelude blocks, one looped block with ACT, coda blocks, tied (or separate) head."""
+
+    def __init__(self, spec: Spec, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.spec = spec
+        d = spec.dim
+        self.embed = nnx.Embed(spec.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.prelude = nnx.List([make_block(spec, False, dtype=dtype, rngs=rngs) for _ in range(spec.prelude_layers)])
+        looped = make_block(spec, spec.recurrent.ffn == "moe", dtype=dtype, rngs=rngs)
+        self.recurrent = RecurrentBlock(spec, looped, dtype=dtype, rngs=rngs)
+        self.coda = nnx.List([make_block(spec, False, dtype=dtype, rngs=rngs) for _ in range(spec.coda_layers)])
+        self.norm = RMSNorm(d, spec.norm_eps, dtype=dtype, rngs=rngs)
+        self.head = None if spec.tie_embeddings else nnx.Linear(d, spec.vocab_size, use_bias=False, dtype=dtype,
+                                                                param_dtype=dtype, rngs=rngs)
+        # RoPE tables from spec.rope_table, in the rotation dtype: float64 only for a float64 model
+        # under mythos semantics (openmythos-0.5 rotates in float32, as open-mythos' x.float());
+        # kept as NumPy, so they are compile-time constants rather than state
+        self.rope_dtype = jnp.dtype(dtype) if dtype == jnp.float64 and spec.semantics == "mythos" \
+            else jnp.dtype(jnp.float32)
+
+    def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
+                 force_halt: jax.Array | None = None, force_experts: jax.Array | None = None) -> ModelOutput:
+        """Logits, loop counts and traces for token ids (uncompiled; `forward` is the compiled call).
+
+        Args:
+            ids: (B, T) integer token ids, T <= spec.max_seq_len.
+            n_loops: loop steps N (>= 1); None -> spec.recurrent.max_loop_iters.
+            early_exit: stop once no position is running (the result equals running all N steps).
+            force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold.
+            force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
+        Returns:
+            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces).
+        """
+        ids = self._check_ids(jnp.asarray(ids))
+        N = self._check_loops(n_loops)
+        B, T = ids.shape
+        force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
+        # positions 0..T-1 (absolute positions: a KV cache will offset them by start_pos)
+        cos, sin = _rope(self.spec, self.rope_dtype.name)
+        cos, sin = jnp.asarray(cos[:T]), jnp.asarray(sin[:T])
+        x = self.embed(ids)  # (B, T, D)
+        for block in self.prelude:
+            x, _, _ = block(x, cos, sin)
+        y, counts, halted, n_steps, traces = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts)
+        for block in self.coda:
+            y, _, _ = block(y, cos, sin)
+        y = self.norm(y)
+        if self.head is None:
+            logits = jnp.einsum("btd,vd->btv", y, self.embed.embedding[...])  # (B, T, V), tied head E^T
+        else:
+            logits = self.head(y)
+        return ModelOutput(logits, counts, halted, n_steps, traces)
+
+    def loop(self, e: jax.Array, cos: jax.Array, sin: jax.Array, N: int, early_exit: bool,
+             force_halt: jax.Array | None, force_experts: jax.Array | None
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces."""
+        s = self.spec
+        B, T, _ = e.shape
+        act = acc_dtype(e.dtype)
+        # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
+        rows = jnp.asarray(loop_table(s, N, e.dtype.name).astype(e.dtype))  # (N, L)
+        graves = s.halting.remainder == "graves"
+
+        def step(carry: Carry, t: jax.Array) -> tuple[Carry, Traces]:
+            h, y, c, running, halted, counts = carry
+            fx = None if force_experts is None else force_experts[t]
+            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx)
+            forced = None if force_halt is None else force_halt == t + 1
+            w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves & (t == N - 1), forced)
+            y = y + w.astype(h.dtype)[..., None] * h
+            counts = jnp.where(halts, t + 1, counts)
+            halted = halted | halts
+            norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(act)), axis=-1)).astype(h.dtype)
+            return (h, y, c_new, still, halted, counts), Traces(norm, p, c_new, running, idx, margin)
+
+        carry = (e, jnp.zeros_like(e), jnp.zeros((B, T), dtype=act), jnp.ones((B, T), dtype=jnp.bool_),
+                 jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T), N, dtype=jnp.int32))
+        k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
+        fills = Traces(jnp.zeros((B, T), dtype=e.dtype), jnp.zeros((B, T), dtype=act), jnp.zeros((B, T), dtype=act),
+                       jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T, k), -1, dtype=jnp.int32),
+                       jnp.full((B, T), jnp.inf, dtype=act))
+        (_, y, _, _, halted, counts), traces, n_steps = _run_steps(step, carry, fills, N, early_exit)
+        return y, counts, halted, n_steps, traces
+
+    def _check_ids(self, ids: jax.Array) -> jax.Array:
+        """ids as a (B, T) int32 array within the vocabulary and max_seq_len, or a clear ValueError."""
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"ids must be an integer array, got dtype {ids.dtype}")
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"ids must have shape (B, T) with T >= 1, got {tuple(ids.shape)}")
+        if ids.shape[1] > self.spec.max_seq_len:
+            raise ValueError(f"ids has T={ids.shape[1]} tokens, more than max_seq_len={self.spec.max_seq_len}")
+        if _concrete(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
+            raise ValueError(f"ids must lie in [0, vocab_size={self.spec.vocab_size}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids.astype(jnp.int32)
+
+    def _check_loops(self, n_loops: int | None) -> int:
+        """n_loops or the spec default, >= 1."""
+        if n_loops is None:
+            return self.spec.recurrent.max_loop_iters
+        if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral) or n_loops < 1:
+            raise ValueError(f"n_loops={n_loops!r} must be an integer >= 1 (None means "
+                             f"recurrent.max_loop_iters={self.spec.recurrent.max_loop_iters})")
+        return int(n_loops)  # a plain int: it is a static argument of the compiled forward
+
+    def _check_force(self, force_halt: jax.Array | None, force_experts: jax.Array | None, N: int, B: int,
+                     T: int) -> tuple[jax.Array | None, jax.Array | None]:
+        """Shape and range checks of the replay inputs (ranges only outside jit); returns both as int32 arrays."""
+        k = self.spec.moe.top_k if self.spec.recurrent.ffn == "moe" else 0
+        if force_experts is not None:
+            force_experts = jnp.asarray(force_experts).astype(jnp.int32)
+            if tuple(force_experts.shape) != (N, B, T, k):
+                raise ValueError(f"force_experts must have shape (N, B, T, k) = {(N, B, T, k)}, "
+                                 f"got {tuple(force_experts.shape)}")
+            # -1, the trace fill of steps not run, is allowed: such a position keeps its top-k choice
+            E = self.spec.moe.n_experts
+            if _concrete(force_experts) and force_experts.size and (int(force_experts.min()) < -1
+                                                                    or int(force_experts.max()) >= E):
+                raise ValueError(f"force_experts must name experts in 0..{E - 1} (or -1: not forced), got values "
+                                 f"in [{int(force_experts.min())}, {int(force_experts.max())}]")
+        if force_halt is None:
+            return None, force_experts
+        force_halt = jnp.asarray(force_halt)
+        if tuple(force_halt.shape) != (B, T):
+            raise ValueError(f"force_halt must have shape (B, T) = {(B, T)}, got {tuple(force_halt.shape)}")
+        if _concrete(force_halt) and (int(force_halt.min()) < 0 or int(force_halt.max()) > N):
+            raise ValueError(f"force_halt values must lie in 0..N={N} (0: never halt by threshold), got "
+                             f"[{int(force_halt.min())}, {int(force_halt.max())}]")
+        return force_halt.astype(jnp.int32), force_experts
+
+
+def _run_steps(step: Callable[[Carry, jax.Array], tuple[Carry, Traces]], carry: Carry, fills: Traces, N: int,
+               early_exit: bool) -> tuple[Carry, Traces, jax.Array]:
+    """Run step(carry, t) for t = 0, 1, ... -> final carry, traces stacked to (N, ...), steps executed."""
+    if not early_exit:
+        # lax.scan: all N steps, reverse-differentiable (training); the per-step rows stack to (N, ...)
+        carry, traces = jax.lax.scan(step, carry, jnp.arange(N, dtype=jnp.int32))
+        return carry, traces, jnp.int32(N)
+
+    # lax.while_loop: inference stops once no position is running, which a Python `break` cannot
+    # test on traced values; rows go into fixed-size (N, ...) buffers, steps not run keep the fills
+    def cond(state: tuple[jax.Array, Carry, Traces]) -> jax.Array:
+        t, carry, _ = state
+        return (t < N) & jnp.any(carry[3])
+
+    def body(state: tuple[jax.Array, Carry, Traces]) -> tuple[jax.Array, Carry, Traces]:
+        t, carry, traces = state
+        carry, row = step(carry, t)
+        return t + 1, carry, jax.tree.map(lambda buf, r: buf.at[t].set(r), traces, row)
+
+    buffers = jax.tree.map(lambda f: jnp.broadcast_to(f, (N, *f.shape)), fills)
+    n_steps, carry, traces = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, buffers))
+    return carry, traces, n_steps
+
+
+@functools.lru_cache(maxsize=None)
+def _rope(spec: Spec, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """spec.rope_table (max_seq_len, K/2) cast to the rotation dtype, computed once per spec."""
+    cos, sin = rope_table(spec)
+    return cos.astype(DTYPES[dtype]), sin.astype(DTYPES[dtype])
+
+
+def _concrete(x: jax.Array) -> bool:
+    """Whether x holds values (not a tracer inside jit), so range checks can run."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _variable(model: Mythos, p: Param) -> nnx.Variable:
+    """The variable behind a manifest entry: the module path, then `kernel`/`embedding`/the torch name."""
+    *path, leaf = p.path.split(".")
+    obj = model
+    for name in path:
+        obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
+    return getattr(obj, {"linear": "kernel", "embedding": "embedding"}.get(p.kind, leaf))
+
+
+def load_arrays(model: Mythos, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy NumPy arrays (torch layout, keyed by manifest path) into the model, cast to its dtype.
+
+    Every missing key, unexpected key and shape mismatch is collected first, then one ValueError.
+    """
+    params = manifest(model.spec)
+    known = {p.path for p in params}
+    errors = [f"unexpected key {k!r}" for k in arrays if k not in known]
+    for p in params:
+        if p.path not in arrays:
+            errors.append(f"missing key {p.path!r} {p.shape}")
+        elif tuple(np.shape(arrays[p.path])) != p.shape:
+            errors.append(f"{p.path}: shape {tuple(np.shape(arrays[p.path]))}, expected {p.shape}")
+    if errors:
+        raise ValueError(f"load_arrays: {len(errors)} problem(s), nothing loaded:\n  " + "\n  ".join(errors))
+    for p in params:
+        var = _variable(model, p)
+        # the cast is done by NumPy (ml_dtypes for bfloat16), as in the torch twin
+        a = np.asarray(arrays[p.path]).astype(var.dtype)
+        var.set_value(jnp.asarray(a.T if p.kind == "linear" else a))  # torch [out, in] vs nnx kernel [in, out]
+
+
+def dump_arrays(model: Mythos) -> dict[str, np.ndarray]:
+    """Every manifest tensor as a NumPy array in torch layout (bfloat16 as ml_dtypes.bfloat16)."""
+    out = {}
+    for p in manifest(model.spec):
+        a = np.asarray(_variable(model, p).get_value())
+        out[p.path] = np.ascontiguousarray(a.T) if p.kind == "linear" else a.copy()
+    return out
+
+
+def build(spec: Spec, seed: int = 0, dtype: str = "float32",
+          weights: Mapping[str, np.ndarray] | None = None) -> Mythos:
+    """A Mythos model in dtype ("float32" | "float64" | "bfloat16") holding spec.init_arrays(spec, seed) or weights."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype == "float64" and not x64_enabled():
+        raise ValueError("dtype='float64' needs jax_enable_x64, which is off: call mythos_jax.set_parity_precision() "
+                         "(or jax.config.update('jax_enable_x64', True)) before building")
+    # constructed abstractly (no init compute or memory): load_arrays sets every value
+    model = nnx.eval_shape(lambda: Mythos(spec, dtype=DTYPES[dtype], rngs=nnx.Rngs(seed)))
+    load_arrays(model, init_arrays(spec, seed) if weights is None else weights)
+    return model
+
+
+@functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit"))
+def _forward(model: Mythos, ids: jax.Array, n_loops: int, early_exit: bool, force_halt: jax.Array | None,
+             force_experts: jax.Array | None) -> ModelOutput:
+    """model(ids, ...) compiled once per shapes, n_loops and early_exit."""
+    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts)
+
+
+def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
+            force_halt: jax.Array | None = None, force_experts: jax.Array | None = None) -> ModelOutput:
+    """model(ids, ...), compiled with nnx.jit (n_loops and early_exit static); the same call as the torch twin.
+
+    Args:
+        ids: (B, T) integer token ids, T <= spec.max_seq_len.
+        n_loops: loop steps N (>= 1); None -> spec.recurrent.max_loop_iters.
+        early_exit: True runs a lax.while_loop that stops once no position is running; False a lax.scan
+            over all N steps (differentiable). Outputs are identical.
+        force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold.
+        force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
+    Returns:
+        ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces).
+    """
+    # checked here on concrete values (inside jit only shapes are known), then compiled
+    ids = model._check_ids(jnp.asarray(ids))
+    N = model._check_loops(n_loops)
+    force_halt, force_experts = model._check_force(force_halt, force_experts, N, *ids.shape)
+    return _forward(model, ids, N, early_exit, force_halt, force_experts)
