@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -96,6 +97,68 @@ def info(
     console.print(t)
     if show_spec:
         console.print(S.dump(s))
+
+
+@app.command("parity")
+def parity_command(
+    spec_source: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    dtype: str = typer.Option("float64", help="float64 | float32 | bfloat16"),
+    seed: int = typer.Option(0, help="seed of the weights (spec.init_arrays) and of the token ids"),
+    batch: int = typer.Option(2, min=1, help="sequences in the input"),
+    seq: int = typer.Option(16, min=1, help="tokens per sequence (<= max_seq_len)"),
+    loops: Optional[int] = typer.Option(None, min=1, help="loop steps (default: max_loop_iters)"),
+    reference: str = typer.Option("torch", help="the twin whose decisions are replayed into the other: torch | jax"),
+    replay: bool = typer.Option(False, "--replay", help="also replay the reference's decisions when all of them agree"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON to this file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Run both twins on the same weights and tokens; compare logits, traces, loop counts and experts.
+
+    Exit status: 0 when the twins agree, 1 when parity fails, 2 on bad input.
+    """
+    import time
+
+    # the twins (torch, jax) are imported by compare only when this command runs
+    from .compare import DTYPES, TWINS, ParityInputError, compare
+
+    s = _load_spec(spec_source, set_)
+    bad = None
+    if dtype not in DTYPES:
+        bad = f"--dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}"
+    elif reference not in TWINS:
+        bad = f"--reference {reference!r} is not allowed; allowed: {', '.join(TWINS)}"
+    elif seq > s.max_seq_len:
+        bad = f"--seq {seq} exceeds the spec's max_seq_len={s.max_seq_len}"
+    if bad:
+        console.print(f"[red]error:[/red] {bad}")
+        raise typer.Exit(2)
+
+    started = time.perf_counter()
+    last = [None, started]  # stage in progress, its start
+
+    with console.status("loading torch and jax") as status:
+        def progress(msg: str) -> None:
+            now = time.perf_counter()
+            if last[0] is not None:
+                console.print(f"[dim]  {last[0]} ({now - last[1]:.1f} s)[/dim]")
+            last[0], last[1] = msg, now
+            status.update(msg)
+
+        try:
+            report = compare(s, seed=seed, dtype=dtype, batch=batch, seq=seq, n_loops=loops, reference=reference,
+                               replay=True if replay else None, progress=progress)
+        except ParityInputError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        progress("comparing")
+    report.spec = spec_source if not set_ else f"{spec_source} ({', '.join(set_)})"
+    console.print()
+    report.render(console)
+    if json_path is not None:
+        report.save_json(json_path)
+        console.print(f"report written to {json_path}")
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
