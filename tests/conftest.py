@@ -19,13 +19,8 @@ settings.load_profile(os.environ.get("MYTHOS_HYPOTHESIS", "ci"))
 
 def pytest_configure(config):
     # float64 parity needs x64 in JAX; both twins' parity switches are turned on once for the session.
-    try:
-        import mythos_jax
-        mythos_jax.set_parity_precision()
-    except ImportError:
-        pass
-    try:
-        import mythos_torch
-        mythos_torch.set_parity_precision()
-    except ImportError:
-        pass
+    import mythos_jax
+    import mythos_torch
+
+    mythos_jax.set_parity_precision()
+    mythos_torch.set_parity_precision()
