@@ -3,7 +3,8 @@
     >>> import spec, mythos_jax as mj
     >>> mj.set_parity_precision()              # float64 models need jax_enable_x64
     >>> model = mj.build(spec.preset("tiny"), seed=0, dtype="float64")
-    >>> out = mj.forward(model, ids)           # compiled: ModelOutput(logits, loop_counts, halted, n_steps, traces)
+    >>> out = mj.forward(model, ids)           # compiled: ModelOutput(logits, loop_counts, halted, n_steps, traces, cache)
+    >>> seq = model.generate(ids, 32)          # KV-cache decoding: the prompt and 32 greedy tokens
 
 Importing the package sets jax_default_matmul_precision="float32" (precision.py).
 
@@ -12,18 +13,18 @@ Shape legend for every comment and einsum string in this package:
     N loop steps of this call, E routed experts (k of them chosen per token).
 """
 
-from .attention import GQAttention, MLAttention, causal_attention
+from .attention import GQAttention, KVCache, MLAttention, causal_attention
 from .layers import RMSNorm, SwiGLU, apply_rope, rms_norm
-from .model import Block, ModelOutput, Mythos, Traces, build, dump_arrays, forward, load_arrays
+from .model import Block, ModelOutput, Mythos, Traces, build, dump_arrays, forward, load_arrays, sample_next
 from .moe import MoE, Experts, expert_load, route, update_router_bias
 from .precision import set_parity_precision
 from .recurrent import ACT, HaltMLP, LoRA, LTIInjection, RecurrentBlock, act_step, add_loop_embedding
 
 __all__ = [
     "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
-    "causal_attention", "GQAttention", "MLAttention",
+    "causal_attention", "KVCache", "GQAttention", "MLAttention",
     "route", "Experts", "MoE", "expert_load", "update_router_bias",
     "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
     "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
-    "set_parity_precision",
+    "sample_next", "set_parity_precision",
 ]

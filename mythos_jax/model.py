@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import numbers
 from typing import Callable, Mapping, NamedTuple
@@ -13,7 +14,7 @@ from flax import nnx
 
 from spec import Param, Spec, init_arrays, loop_table, manifest, rope_table
 
-from .attention import GQAttention, MLAttention
+from .attention import GQAttention, KVCache, MLAttention
 from .layers import RMSNorm, SwiGLU, acc_dtype
 from .moe import MoE
 from .precision import x64_enabled
@@ -32,10 +33,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(dim, eps, dtype=dtype, rngs=rngs)
         self.ffn = ffn
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, force_idx: jax.Array | None = None
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, force_idx: jax.Array | None = None,
+                 *, cache: KVCache | None = None, layer: int | jax.Array = 0, start_pos: int | jax.Array = 0
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos)
         f = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             f, idx, margin = self.ffn(f, force_idx)
@@ -75,10 +77,11 @@ class ModelOutput(NamedTuple):
     halted: jax.Array  # (B, T) bool, halted by its decision
     n_steps: jax.Array  # () int32, loop steps executed
     traces: Traces
+    cache: KVCache | None = None  # the updated cache (a new pytree; forward() consumes the one passed in), or None
 
 
-# The loop carry: (h, y, c, running, halted, loop counts).
-Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+# The loop carry: (h, y, c, running, halted, loop counts, KV cache or None).
+Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, KVCache | None]
 
 
 class Mythos(nnx.Module):
@@ -102,7 +105,8 @@ class Mythos(nnx.Module):
             else jnp.dtype(jnp.float32)
 
     def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
-                 force_halt: jax.Array | None = None, force_experts: jax.Array | None = None) -> ModelOutput:
+                 force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
+                 cache: KVCache | None = None, start_pos: int | jax.Array = 0) -> ModelOutput:
         """Logits, loop counts and traces for token ids (uncompiled; `forward` is the compiled call).
 
         Args:
@@ -111,60 +115,160 @@ class Mythos(nnx.Module):
             early_exit: stop once no position is running (the result equals running all N steps).
             force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold.
             force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
+            cache: a KVCache from init_cache(B, ..., N): ids sit at absolute positions start_pos..start_pos+T-1
+                and see the cached positions before them; every loop step runs (early_exit is ignored).
+            start_pos: absolute position of ids[:, 0] (only with a cache); may be traced.
         Returns:
-            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces).
+            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces,
+            cache: the updated cache).
         """
         ids = self._check_ids(jnp.asarray(ids))
         N = self._check_loops(n_loops)
         B, T = ids.shape
         force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
-        # positions 0..T-1 (absolute positions: a KV cache will offset them by start_pos)
+        start_pos = self._check_cache(cache, start_pos, N, B, T)
+        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos)
+
+    def _forward(self, ids: jax.Array, N: int, early_exit: bool, force_halt: jax.Array | None,
+                 force_experts: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array) -> ModelOutput:
+        """__call__ after its checks."""
+        T = ids.shape[1]
+        # absolute positions start_pos..start_pos+T-1 (with a cache start_pos may be traced: a dynamic slice)
         cos, sin = _rope(self.spec, self.rope_dtype.name)
-        cos, sin = jnp.asarray(cos[:T]), jnp.asarray(sin[:T])
+        if cache is None:
+            cos, sin = jnp.asarray(cos[:T]), jnp.asarray(sin[:T])
+        else:
+            cache = cache.copy()  # the caller's cache keeps its arrays; out.cache holds the updated ones
+            S = cache.capacity
+            cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos[:S]), start_pos, T)
+            sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin[:S]), start_pos, T)
+        P = len(self.prelude)
         x = self.embed(ids)  # (B, T, D)
-        for block in self.prelude:
-            x, _, _ = block(x, cos, sin)
-        y, counts, halted, n_steps, traces = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts)
-        for block in self.coda:
-            y, _, _ = block(y, cos, sin)
+        for i, block in enumerate(self.prelude):
+            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos)
+        y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
+                                                              cache, start_pos)
+        for j, block in enumerate(self.coda):
+            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos)
         y = self.norm(y)
         if self.head is None:
             logits = jnp.einsum("btd,vd->btv", y, self.embed.embedding[...])  # (B, T, V), tied head E^T
         else:
             logits = self.head(y)
-        return ModelOutput(logits, counts, halted, n_steps, traces)
+        return ModelOutput(logits, counts, halted, n_steps, traces, cache)
 
     def loop(self, e: jax.Array, cos: jax.Array, sin: jax.Array, N: int, early_exit: bool,
-             force_halt: jax.Array | None, force_experts: jax.Array | None
-             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces]:
-        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces."""
+             force_halt: jax.Array | None, force_experts: jax.Array | None, cache: KVCache | None = None,
+             start_pos: int | jax.Array = 0
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces, KVCache | None]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache."""
         s = self.spec
         B, T, _ = e.shape
         act = acc_dtype(e.dtype)
         # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
-        rows = jnp.asarray(loop_table(s, N, e.dtype.name).astype(e.dtype))  # (N, L)
+        table = loop_table(s, N, e.dtype.name)
+        rows = jnp.asarray(np.pad(table, ((0, 0), (0, s.dim - table.shape[-1]))).astype(e.dtype))  # (N, D): zero past L
         graves = s.halting.remainder == "graves"
+        P = len(self.prelude)
 
         def step(carry: Carry, t: jax.Array) -> tuple[Carry, Traces]:
-            h, y, c, running, halted, counts = carry
+            h, y, c, running, halted, counts, kv = carry
             fx = None if force_experts is None else force_experts[t]
-            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx)
+            # the cache rides in the carry: step t writes its layer P + t in place
+            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx, cache=kv, layer=P + t,
+                                               start_pos=start_pos)
             forced = None if force_halt is None else force_halt == t + 1
             w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves & (t == N - 1), forced)
             y = y + w.astype(h.dtype)[..., None] * h
             counts = jnp.where(halts, t + 1, counts)
             halted = halted | halts
             norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(act)), axis=-1)).astype(h.dtype)
-            return (h, y, c_new, still, halted, counts), Traces(norm, p, c_new, running, idx, margin)
+            return (h, y, c_new, still, halted, counts, kv), Traces(norm, p, c_new, running, idx, margin)
 
         carry = (e, jnp.zeros_like(e), jnp.zeros((B, T), dtype=act), jnp.ones((B, T), dtype=jnp.bool_),
-                 jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T), N, dtype=jnp.int32))
+                 jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T), N, dtype=jnp.int32), cache)
         k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
         fills = Traces(jnp.zeros((B, T), dtype=e.dtype), jnp.zeros((B, T), dtype=act), jnp.zeros((B, T), dtype=act),
                        jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T, k), -1, dtype=jnp.int32),
                        jnp.full((B, T), jnp.inf, dtype=act))
-        (_, y, _, _, halted, counts), traces, n_steps = _run_steps(step, carry, fills, N, early_exit)
-        return y, counts, halted, n_steps, traces
+        # with a cache every step runs (a scan), so later tokens find cache entries at every depth
+        (_, y, _, _, halted, counts, cache), traces, n_steps = _run_steps(step, carry, fills, N, early_exit)
+        return y, counts, halted, n_steps, traces, cache
+
+    def init_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
+        """An empty (zero) KVCache for `batch` sequences of up to max_len positions and n_loops loop steps.
+
+        Args:
+            batch: sequences B.
+            max_len: capacity S in positions, 1..spec.max_seq_len (None: max_seq_len).
+            n_loops: loop steps N of the calls that use it (None: recurrent.max_loop_iters).
+        Returns:
+            KVCache with one entry per attention layer (prelude, N loop steps, coda), in the model dtype.
+        """
+        s, a = self.spec, self.spec.attention
+        S = s.max_seq_len if max_len is None else max_len
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+            raise ValueError(f"init_cache: batch={batch!r} must be an integer >= 1")
+        if isinstance(S, bool) or not isinstance(S, numbers.Integral) or not 1 <= S <= s.max_seq_len:
+            raise ValueError(f"init_cache: max_len={max_len!r} must be an integer in 1..max_seq_len={s.max_seq_len}")
+        N = self._check_loops(n_loops)
+        L, B = s.prelude_layers + N + s.coda_layers, int(batch)
+        if a.type == "gqa":
+            shapes = {"k": (L, B, S, a.n_kv_heads, s.head_dim), "v": (L, B, S, a.n_kv_heads, s.head_dim)}
+        else:
+            # one rotated rope key per token; open-mythos caches it once per head
+            heads = a.n_heads if s.semantics == "openmythos-0.5" else 1
+            shapes = {"c_kv": (L, B, S, a.kv_lora_rank), "k_r": (L, B, S, heads, a.qk_rope_head_dim)}
+        dtype = self.embed.embedding.dtype
+        return KVCache({n: jnp.zeros(shape, dtype=dtype) for n, shape in shapes.items()}, N)
+
+    def generate(self, ids: jax.Array, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
+                 on_token: Callable[[np.ndarray], None] | None = None) -> jax.Array:
+        """Decode with a KV cache: the prompt, then one token per step (docs/design.md "Decoding with a cache").
+
+        Args:
+            ids: (B, T) prompt token ids.
+            max_new_tokens: tokens to add; T + max_new_tokens must not exceed spec.max_seq_len.
+            n_loops: loop steps N of every call (all of them run); None -> recurrent.max_loop_iters.
+            temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
+            top_k, top_p: sampling filters (None: off).
+            seed: seed of numpy.random.default_rng, one uniform per row per step.
+            eos_id: a row that emits it is padded with it; decoding stops once every row has.
+            on_token: called with each step's new tokens (B,) int64, as they come (streaming).
+        Returns:
+            (B, T + max_new_tokens) int32: the prompt followed by the new tokens.
+        """
+        ids = self._check_ids(jnp.asarray(ids))
+        N = self._check_loops(n_loops)
+        B, T = ids.shape
+        _check_generate(self.spec, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+        if max_new_tokens == 0:
+            return ids
+        # the capacity is rounded up to a power of two, so prompts of similar length share compiled steps
+        cache = self.init_cache(B, min(self.spec.max_seq_len, max(16, 1 << (T + max_new_tokens - 1).bit_length())), N)
+        static, leaves = _split(self)  # once: the compiled step is a pure function of (leaves, cache, ids, start_pos)
+        rng = np.random.default_rng(seed)
+        done = np.zeros(B, dtype=bool)
+        new: list[np.ndarray] = []
+        out = _cached_forward(static, leaves, cache, ids, jnp.int32(0), N, None, None)  # prefill
+        for i in range(max_new_tokens):
+            logits = np.asarray(out.logits)[:, -1].astype(np.float64)  # (B, V)
+            tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
+            if eos_id is not None:
+                tok = np.where(done, eos_id, tok)
+                done |= tok == eos_id
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if len(new) == max_new_tokens or done.all():
+                break
+            step = jnp.asarray(tok[:, None], dtype=jnp.int32)
+            out = _cached_forward(static, leaves, out.cache, step, jnp.int32(T + i), N, None, None)
+        tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
+        if new:
+            tail[:, :len(new)] = np.stack(new, axis=1)
+        return jnp.concatenate([ids, jnp.asarray(tail, dtype=jnp.int32)], axis=1)
 
     def _check_ids(self, ids: jax.Array) -> jax.Array:
         """ids as a (B, T) int32 array within the vocabulary and max_seq_len, or a clear ValueError."""
@@ -187,6 +291,33 @@ class Mythos(nnx.Module):
             raise ValueError(f"n_loops={n_loops!r} must be an integer >= 1 (None means "
                              f"recurrent.max_loop_iters={self.spec.recurrent.max_loop_iters})")
         return int(n_loops)  # a plain int: it is a static argument of the compiled forward
+
+    def _check_cache(self, cache: KVCache | None, start_pos: int | jax.Array, N: int, B: int, T: int
+                     ) -> int | jax.Array:
+        """start_pos (an int, or traced inside jit), after checking it and the cache against the call."""
+        if _concrete(start_pos) and (isinstance(start_pos, bool) or np.ndim(start_pos) != 0
+                                     or not np.issubdtype(np.asarray(start_pos).dtype, np.integer) or start_pos < 0):
+            raise ValueError(f"start_pos={start_pos!r} must be an integer >= 0")
+        if cache is None:
+            if not _concrete(start_pos) or start_pos != 0:
+                raise ValueError(f"start_pos={start_pos} needs a cache holding the positions before it "
+                                 "(model.init_cache)")
+            return 0
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache from model.init_cache, got {type(cache).__name__}")
+        if cache.n_loops != N:
+            raise ValueError(f"the cache holds n_loops={cache.n_loops} loop steps but the call runs n_loops={N}")
+        if cache.batch != B:
+            raise ValueError(f"the cache holds batch={cache.batch} sequences but ids has B={B}")
+        if T > cache.capacity or (_concrete(start_pos) and start_pos + T > cache.capacity):
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the cache capacity of "
+                             f"{cache.capacity} positions (init_cache(max_len=...), at most max_seq_len="
+                             f"{self.spec.max_seq_len})")
+        dtype = self.embed.embedding.dtype
+        for name, a in cache.arrays.items():
+            if a.dtype != dtype:
+                raise ValueError(f"cache {name!r} is {a.dtype}, the model {dtype}")
+        return start_pos if not _concrete(start_pos) else int(start_pos)
 
     def _check_force(self, force_halt: jax.Array | None, force_experts: jax.Array | None, N: int, B: int,
                      T: int) -> tuple[jax.Array | None, jax.Array | None]:
@@ -307,12 +438,14 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
 @functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit"))
 def _forward(model: Mythos, ids: jax.Array, n_loops: int, early_exit: bool, force_halt: jax.Array | None,
              force_experts: jax.Array | None) -> ModelOutput:
-    """model(ids, ...) compiled once per shapes, n_loops and early_exit."""
+    """model(ids, ...) without a cache, compiled once per shapes, n_loops and early_exit."""
+    TRACE_COUNTS["forward"] += 1
     return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts)
 
 
 def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
-            force_halt: jax.Array | None = None, force_experts: jax.Array | None = None) -> ModelOutput:
+            force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
+            cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
     """model(ids, ...), compiled with nnx.jit (n_loops and early_exit static); the same call as the torch twin.
 
     Args:
@@ -322,11 +455,118 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
             over all N steps (differentiable). Outputs are identical.
         force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold.
         force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
+        cache: a KVCache from model.init_cache (all N steps run); out.cache is the updated cache. The
+            cache passed in is consumed (its buffers are donated and updated in place): use out.cache.
+        start_pos: absolute position of ids[:, 0] (only with a cache); traced, so one compiled program
+            serves every position.
     Returns:
-        ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces).
+        ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces,
+        cache).
     """
     # checked here on concrete values (inside jit only shapes are known), then compiled
     ids = model._check_ids(jnp.asarray(ids))
     N = model._check_loops(n_loops)
     force_halt, force_experts = model._check_force(force_halt, force_experts, N, *ids.shape)
-    return _forward(model, ids, N, early_exit, force_halt, force_experts)
+    start_pos = model._check_cache(cache, start_pos, N, *ids.shape)
+    if cache is None:
+        return _forward(model, ids, N, early_exit, force_halt, force_experts)
+    return _cached_forward(*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts)
+
+
+# How often each compiled function was traced (a trace precedes every compilation): decoding must
+# not recompile per token, and tests/test_decode.py counts it.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+class _Static:
+    """A static jit argument hashed once: hashing an nnx.GraphDef walks the whole model (~0.5 ms), and
+    jax.jit hashes its static arguments on every call."""
+
+    def __init__(self, value: object):
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, ids: jax.Array, start_pos: jax.Array,
+                    n_loops: int, force_halt: jax.Array | None, force_experts: jax.Array | None) -> ModelOutput:
+    """The forward with a cache, compiled once per shapes and n_loops: start_pos is traced, so one
+    program serves every position (generate's hot path, and forward(..., cache=...)).
+
+    A pure function of the model's state leaves (static: graphdef and state treedef), so no nnx.jit
+    graph walk per token; the cache buffers are donated, so XLA updates them in place.
+    """
+    TRACE_COUNTS["cached_forward"] += 1
+    graphdef, treedef = static.value
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos)
+
+
+def _split(model: Mythos) -> tuple[_Static, list[jax.Array]]:
+    """The model as (static graphdef and treedef, state leaves) for _cached_forward."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return _Static((graphdef, treedef)), leaves
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None) -> np.ndarray:
+    """The next token of each row from its last-position logits (B, V), in float64 NumPy on the host.
+
+    temperature 0: argmax, ties to the lower id, no random draw. Else logits / temperature, then top-k,
+    then top-p (the smallest set of ids, by descending probability with ties to lower ids, whose
+    probability reaches top_p), then the inverse CDF over ids in ascending order at one uniform per row
+    from rng. The same code in both twins: the same seed gives the same tokens when the logits agree.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return np.argmax(z, axis=-1)
+    B, V = z.shape
+    z = z / temperature
+    order = np.argsort(-z, axis=-1, kind="stable")  # (B, V) descending, ties to the lower id
+    keep_sorted = np.ones((B, V), dtype=bool)
+    if top_k is not None:
+        keep_sorted[:, top_k:] = False
+    keep = np.zeros((B, V), dtype=bool)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    z = np.where(keep, z, -np.inf)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True)
+    if top_p is not None:
+        cum = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
+        n_keep = np.minimum((cum < top_p).sum(axis=-1) + 1, V)  # entries before the first that reaches top_p, and it
+        keep = np.zeros((B, V), dtype=bool)
+        np.put_along_axis(keep, order, np.arange(V)[None, :] < n_keep[:, None], axis=-1)
+        p = np.where(keep, p, 0.0)
+    cdf = np.cumsum(p, axis=-1)
+    u = rng.random(B)  # one uniform per row per step
+    return np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=-1), V - 1)  # first id with cdf > u * total
+
+
+def _check_generate(s: Spec, T: int, max_new_tokens: int, temperature: float, top_k: int | None,
+                    top_p: float | None, seed: int, eos_id: int | None) -> None:
+    """generate's arguments, checked before any work, or a clear ValueError."""
+    def is_int(x: object) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if T + max_new_tokens > s.max_seq_len:
+        raise ValueError(f"the prompt's {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} "
+                         f"positions exceed max_seq_len={s.max_seq_len}")
+    if not isinstance(temperature, numbers.Real) or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1 or None")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1] or be None")
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < s.vocab_size):
+        raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, vocab_size={s.vocab_size}) or None")

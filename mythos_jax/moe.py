@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +28,21 @@ def route(logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, ja
     Weights are the softmax scores of the chosen experts renormalised to sum to one; the margin is
     the k-th minus the (k+1)-th biased logit (+inf when k = E).
     """
+    E = logits.shape[-1]
     scores = jax.nn.softmax(logits, axis=-1)
     biased = logits + bias
-    # lax.top_k puts the lower index first on ties (torch: a stable descending sort)
-    vals, order = jax.lax.top_k(biased, min(top_k + 1, logits.shape[-1]))  # (..., k+1)
-    idx = order[..., :top_k]
+    # lax.top_k puts the lower index first on ties (torch: a stable descending sort). Only its k
+    # indices are used, whole: XLA then runs its TopK kernel; reading its values, asking for k+1 or
+    # slicing the indices turns it into a full sort of every row, ~10x slower on the CPU
+    _, idx = jax.lax.top_k(biased, top_k)  # (..., k)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     w = w / w.sum(-1, keepdims=True)
-    if top_k < logits.shape[-1]:
-        margin = vals[..., top_k - 1] - vals[..., top_k]
+    if top_k < E:
+        # the k-th biased logit is the smallest chosen one, the (k+1)-th the largest one not chosen
+        # (the values a sort gives; slicing idx itself would also break XLA's TopK pattern)
+        chosen = jnp.any(idx[..., None] == jnp.arange(E, dtype=idx.dtype), axis=-2)  # (..., E)
+        kth = jnp.min(jnp.where(chosen, biased, jnp.inf), axis=-1)
+        margin = kth - jnp.max(jnp.where(chosen, -jnp.inf, biased), axis=-1)
     else:
         margin = jnp.full(logits.shape[:-1], jnp.inf, dtype=logits.dtype)
     return idx.astype(jnp.int32), w, margin
@@ -51,32 +58,139 @@ class Experts(nnx.Module):
         self.down = nnx.Param(jnp.zeros((n_experts, hidden, dim), dtype=dtype))
 
     def __call__(self, x: jax.Array, expert: jax.Array) -> jax.Array:
-        """Row m of x (M, D) through expert[m] (M,): grouped by expert into tiles, batched matmuls."""
-        M, D = x.shape
+        """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D), slot by slot.
+
+        The N*k (token, slot) rows are sorted by expert (stable) and cut into tiles of sorted rows,
+        each multiplied by its own expert's weights in a loop (`expert_tiles`): an expert's rows
+        fill whole big tiles first, then small ones, the last partly; only the tiles in use run.
+        (lax.ragged_dot lowers on the CPU to a masked matmul over all E experts; batched matmuls over
+        per-tile gathered weights copy the weight stack once per tile.)
+        """
+        N, k = expert.shape
+        D = x.shape[-1]
         E = self.gate.shape[0]
-        # static shapes: each expert's rows fill whole tiles of b rows (zero-padded), so at most
-        # ceil(M / b) + E tiles; every tile is multiplied by its own expert's weights in one batched
-        # matmul. (lax.ragged_dot lowers on the CPU to a masked matmul over all E experts.)
-        b = _tile_rows(M, E)
-        n_tiles = -(-M // b) + E
-        order = jnp.argsort(expert, stable=True).astype(jnp.int32)  # rows sorted by expert
-        counts = jnp.bincount(expert, length=E).astype(jnp.int32)  # (E,)
-        starts = jnp.cumsum(counts) - counts  # first sorted row of each expert
-        padded = (counts + b - 1) // b * b
-        tile_starts = jnp.cumsum(padded) - padded  # first padded row of each expert
-        es = expert[order]
-        slot = tile_starts[es] + jnp.arange(M, dtype=jnp.int32) - starts[es]  # (M,) padded row of each sorted row
-        xt = jnp.zeros((n_tiles * b, D), dtype=x.dtype).at[slot].set(x[order]).reshape(n_tiles, b, D)
-        first = jnp.arange(n_tiles, dtype=jnp.int32) * b
-        te = jnp.minimum(jnp.searchsorted(tile_starts + padded, first, side="right"), E - 1)  # expert of each tile
-        ht = jax.nn.silu(xt @ self.gate[...][te]) * (xt @ self.up[...][te])  # (tiles, b, hidden)
-        yt = (ht @ self.down[...][te]).reshape(n_tiles * b, D)
-        return jnp.zeros_like(x).at[order].set(yt[slot])  # (M, D), back in row order
+        sizes = _tile_sizes(N * k, E)
+        flat = expert.reshape(-1)  # (M,), row m = (token m // k, slot m % k)
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # (M,) rows sorted by expert
+        counts = jnp.bincount(flat, length=E).astype(jnp.int32)  # (E,)
+        # sorted rows, then zero rows, so that every tile's window lies inside
+        src = jnp.concatenate([order // k, jnp.full((sizes[-1],), N, dtype=jnp.int32)])
+        xs = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[src]  # (M + b, D); token N is the zero row
+        tiles = _tiles(counts, sizes, N * k)
+        ys = expert_tiles(xs, self.gate[...], self.up[...], self.down[...], tiles, sizes)  # (M + b, D)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+        return ys[inverse].reshape(N, k, D)  # back to (token, slot) order
 
 
-def _tile_rows(M: int, E: int) -> int:
-    """Rows per expert tile: about M / E (a power of two, 8..128), so padding stays below M + E * b."""
-    return min(128, max(8, 1 << max(0, -(-M // E) - 1).bit_length()))
+def _tile_sizes(M: int, E: int) -> tuple[int, ...]:
+    """Rows per tile, big then small: small ~ M / E (a power of two in 16..64), big = 8 x small if M holds one.
+
+    Measured on XLA:CPU: a (64, D) x (D, hidden) product runs at about half the rate of a (512, D)
+    one, so hot experts take big tiles, while small tiles bound every expert's padding.
+    """
+    small = min(64, max(16, 1 << max(0, -(-M // E) - 1).bit_length()))
+    return (8 * small, small) if M >= 8 * small else (small,)
+
+
+# per tile size: (expert, first sorted row, rows of that expert in the window: each (bound,); tiles in use ())
+Tiles = tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], ...]
+
+
+def _tiles(counts: jax.Array, sizes: tuple[int, ...], M: int) -> Tiles:
+    """The tiles of each size for experts with counts (E,) of the M sorted rows.
+
+    An expert's rows take as many whole tiles of the first size as fit, then of the next, ...; the
+    last size also takes a partly filled tile, whose window runs on into later experts' rows. Tiles
+    in use come first, in sorted-row order.
+    """
+    E = counts.shape[0]
+    start = jnp.cumsum(counts) - counts  # first sorted row of each expert not yet in a tile
+    left = counts  # rows of each expert not yet in a tile
+    out = []
+    for level, b in enumerate(sizes):
+        last = level == len(sizes) - 1
+        n = (left + b - 1) // b if last else left // b  # (E,) tiles of this size per expert
+        ends = jnp.cumsum(n)
+        bound = -(-M // b) + E if last else M // b  # static: the most tiles of this size there can be
+        j = jnp.arange(bound, dtype=jnp.int32)
+        expert = jnp.minimum(jnp.searchsorted(ends, j, side="right"), E - 1).astype(jnp.int32)
+        q = j - (ends[expert] - n[expert])  # tile index within its expert
+        rows = jnp.clip(left[expert] - q * b, 0, b).astype(jnp.int32)
+        out.append((expert, start[expert] + q * b, rows, ends[-1]))
+        start, left = start + n * b, left - n * b
+    return tuple(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def expert_tiles(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, tiles: Tiles,
+                 sizes: tuple[int, ...]) -> jax.Array:
+    """Sorted rows xs (M + b, D) through their experts' SwiGLU, tile by tile -> (M + b, D).
+
+    A tile of size b reads the b rows from its first row and writes only those of its expert (the
+    others belong to later experts, whose own tiles write them).
+    """
+    ys = jnp.zeros((xs.shape[0], down.shape[-1]), dtype=xs.dtype)
+    for b, level in zip(sizes, tiles):
+        def body(i: jax.Array, ys: jax.Array, b: int = b, level: tuple[jax.Array, ...] = level) -> jax.Array:
+            x, e, put = _tile(xs, level, i, b)
+            h = jax.nn.silu(x @ gate[e]) * (x @ up[e])  # (b, hidden)
+            return put(ys, h @ down[e])
+
+        # a loop, not batched matmuls: each tile reads its expert's weights in place, and the trip
+        # count is the tiles in use (a scan would need a static count to be differentiable: hence the VJP)
+        ys = jax.lax.fori_loop(0, level[3], body, ys)
+    return ys
+
+
+def _tile(xs: jax.Array, level: tuple[jax.Array, ...], i: jax.Array, b: int
+          ) -> tuple[jax.Array, jax.Array, Callable[[jax.Array, jax.Array], jax.Array]]:
+    """Tile i of a size-b level: its rows of xs (b, D), its expert, and put(buf, rows) writing only its own rows."""
+    expert, start, rows, _ = level
+    s = start[i]
+    mine = (jnp.arange(b) < rows[i])[:, None]  # (b, 1)
+
+    def put(buf: jax.Array, new: jax.Array) -> jax.Array:
+        old = jax.lax.dynamic_slice_in_dim(buf, s, b)
+        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(mine, new, old), s, 0)
+
+    return jax.lax.dynamic_slice_in_dim(xs, s, b), expert[i], put
+
+
+def _expert_tiles_fwd(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, tiles: Tiles,
+                      sizes: tuple[int, ...]) -> tuple[jax.Array, tuple[jax.Array | Tiles, ...]]:
+    return expert_tiles(xs, gate, up, down, tiles, sizes), (xs, gate, up, down, tiles)
+
+
+def _expert_tiles_bwd(sizes: tuple[int, ...], res: tuple[jax.Array | Tiles, ...], g: jax.Array
+                      ) -> tuple[jax.Array | None, ...]:
+    """Gradients of expert_tiles, tile by tile: dx of each tile's own rows, dW summed per expert.
+
+    The hidden activations are recomputed (keeping them from the forward measured no faster).
+    """
+    xs, gate, up, down, tiles = res
+    grads = tuple(jnp.zeros_like(a) for a in (xs, gate, up, down))
+    for b, level in zip(sizes, tiles):
+        def body(i: jax.Array, grads: tuple[jax.Array, ...], b: int = b, level: tuple[jax.Array, ...] = level
+                 ) -> tuple[jax.Array, ...]:
+            dxs, dgate, dup, ddown = grads
+            x, e, put = _tile(xs, level, i, b)
+            mine = (jnp.arange(b) < level[2][i])[:, None]
+            gy = jnp.where(mine, jax.lax.dynamic_slice_in_dim(g, level[1][i], b), 0)  # only this expert's rows count
+            a, u = x @ gate[e], x @ up[e]  # (b, hidden)
+            sig = jax.nn.sigmoid(a)
+            act = a * sig  # silu(a)
+            dh = gy @ down[e].T  # (b, hidden)
+            du = dh * act
+            da = dh * u * (sig * (1 + a * (1 - sig)))  # silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
+            return (put(dxs, da @ gate[e].T + du @ up[e].T), dgate.at[e].add(x.T @ da), dup.at[e].add(x.T @ du),
+                    ddown.at[e].add((act * u).T @ gy))
+
+        grads = jax.lax.fori_loop(0, level[3], body, grads)
+    no_grad = tuple((None, None, None, None) for _ in tiles)  # integer tile tables
+    return (*grads, no_grad)
+
+
+expert_tiles.defvjp(_expert_tiles_fwd, _expert_tiles_bwd)
 
 
 class MoE(nnx.Module):
@@ -110,7 +224,7 @@ class MoE(nnx.Module):
             s = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), idx, axis=-1)
             w = s / s.sum(-1, keepdims=True)
         flat = x.reshape(B * T, D)
-        y = self.experts(jnp.repeat(flat, k, axis=0), idx.reshape(-1)).reshape(B * T, k, D)
+        y = self.experts(flat, idx.reshape(B * T, k))  # (B*T, k, D)
         w = w.reshape(B * T, k).astype(x.dtype)
         out = jnp.zeros_like(flat)
         for j in range(k):  # slot by slot, the summation order of open-mythos

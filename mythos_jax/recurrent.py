@@ -13,12 +13,13 @@ from spec import Spec
 from .layers import RMSNorm, acc_dtype
 
 if TYPE_CHECKING:
+    from .attention import KVCache
     from .model import Block
 
 
 def add_loop_embedding(h: jax.Array, row: jax.Array) -> jax.Array:
-    """h (B, T, D) plus one loop_table row (L,) on its first L channels."""
-    return h + jnp.pad(row, (0, h.shape[-1] - row.shape[-1]))
+    """h (B, T, D) plus one loop_table row (L,) on its first L channels (a row of D channels: as is)."""
+    return h + (row if row.shape[-1] == h.shape[-1] else jnp.pad(row, (0, h.shape[-1] - row.shape[-1])))
 
 
 class LoRA(nnx.Module):
@@ -86,8 +87,8 @@ def act_step(p: jax.Array, c: jax.Array, running: jax.Array, threshold: float, l
     """
     decide = c + p >= threshold if forced is None else forced
     halts = running & (decide | last)
-    w = jnp.where(running, jnp.where(halts, 1.0 - c, p), jnp.zeros_like(p))
-    c = c + jnp.where(running, p, jnp.zeros_like(p))  # open-mythos: c + p * running
+    w = jnp.where(running, jnp.where(halts, 1.0 - c, p), 0.0)
+    c = c + jnp.where(running, p, 0.0)  # open-mythos: c + p * running
     return w, c, running & ~halts, halts
 
 
@@ -103,12 +104,16 @@ class RecurrentBlock(nnx.Module):
         self.act = ACT(d, spec.halting.head, spec.halting.mlp_hidden, dtype=dtype, rngs=rngs)
 
     def __call__(self, h: jax.Array, e: jax.Array, t: jax.Array, row: jax.Array, cos: jax.Array,
-                 sin: jax.Array, force_idx: jax.Array | None = None
+                 sin: jax.Array, force_idx: jax.Array | None = None, *, cache: KVCache | None = None,
+                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0
                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Step t: h (B, T, D) -> new h, halting p (B, T), expert idx (B, T, k), router margin (B, T)."""
+        """Step t: h (B, T, D) -> new h, halting p (B, T), expert idx (B, T, k), router margin (B, T).
+
+        With a cache, the block's attention writes and reads cache layer `layer` (P + t).
+        """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         n = self.norm(add_loop_embedding(h, row) + e)  # (h + emb) + e, open-mythos' association
-        o, idx, margin = self.block(n, cos, sin, force_idx)
+        o, idx, margin = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos)
         if self.lora is not None:
             o = o + self.lora(o, t)
         h = self.injection(h, e, o)

@@ -2,25 +2,26 @@
 
     >>> import spec, mythos_torch as mt
     >>> model = mt.build(spec.preset("tiny"), seed=0, dtype="float64")
-    >>> out = model(ids)                       # ModelOutput(logits, loop_counts, halted, n_steps, traces)
+    >>> out = model(ids)                       # ModelOutput(logits, loop_counts, halted, n_steps, traces, cache)
+    >>> seq = model.generate(ids, 32)          # KV-cache decoding: the prompt and 32 greedy tokens
 
 Shape legend for every comment in this package:
     B batch, T tokens in this call, S key positions, D model width, H heads, K per-head width,
     N loop steps of this call, E routed experts (k of them chosen per token).
 """
 
-from .attention import GQAttention, MLAttention, causal_attention
+from .attention import GQAttention, KVCache, MLAttention, causal_attention
 from .layers import RMSNorm, SwiGLU, apply_rope, rms_norm
-from .model import Block, ModelOutput, Mythos, Traces, build, dump_arrays, forward, load_arrays
+from .model import Block, ModelOutput, Mythos, Traces, build, dump_arrays, forward, load_arrays, sample_next
 from .moe import MoE, Experts, expert_load, route, update_router_bias
 from .precision import set_parity_precision
 from .recurrent import ACT, HaltMLP, LoRA, LTIInjection, RecurrentBlock, act_step, add_loop_embedding
 
 __all__ = [
     "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
-    "causal_attention", "GQAttention", "MLAttention",
+    "causal_attention", "KVCache", "GQAttention", "MLAttention",
     "route", "Experts", "MoE", "expert_load", "update_router_bias",
     "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
     "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
-    "set_parity_precision",
+    "sample_next", "set_parity_precision",
 ]

@@ -1,4 +1,4 @@
-"""Causal self-attention: GQA and MLA (ARCHITECTURE.md section 2)."""
+"""Causal self-attention: GQA and MLA, and their decoding cache (ARCHITECTURE.md sections 2 and 6)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,68 @@ import torch.nn as nn
 from .layers import RMSNorm, acc_dtype, apply_rope
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H,K), v (B,S,H,K) -> (B,T,H,K)."""
-    T, S = q.shape[1], k.shape[1]
-    scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
-    # causal mask by absolute position: the T queries are the last T of the S key positions
-    q_pos = torch.arange(S - T, S, device=q.device)
-    k_pos = torch.arange(S, device=q.device)
-    mask = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     q_start: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (B,T,H,K_v).
+
+    Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
+    q_start + i (None: the queries are the last T keys).
+    """
+    B, T, H, K = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    # the G query heads of a kv head share its keys: (B, H_kv, G*T, K) rows against (B, H_kv, K, S)
+    qg = q.reshape(B, T, Hkv, G, K).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, K)
+    scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # (B, H_kv, G*T, S)
     # softmax in float32 for bfloat16 (both twins)
-    scores = scores.to(acc_dtype(scores.dtype)).masked_fill(~mask, float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(v.dtype)
-    return (p @ v.transpose(1, 2)).transpose(1, 2)  # (B, T, H, K)
+    scores = scores.to(acc_dtype(scores.dtype)).view(B, Hkv, G, T, S)
+    start = S - T if q_start is None else q_start
+    if T > 1 or start != S - 1:  # one query at the last key sees every key: nothing to mask
+        # causal mask by absolute position: query start + i sees keys 0..start + i
+        mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
+        scores = scores.masked_fill(~mask, float("-inf"))  # (T, S) broadcast
+    p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, G * T, S)
+    out = p @ v.transpose(1, 2)  # (B, H_kv, G*T, K_v)
+    return out.view(B, Hkv, G, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, H, -1)  # (B, T, H, K_v)
+
+
+class KVCache:
+    """Decoding cache, updated in place: for each attention layer (prelude 0..P-1, loop steps 0..N-1,
+    coda 0..C-1, on the leading axis L) the rows of positions 0..S-1 (S = capacity).
+
+    GQA: `k` (after RoPE) and `v`, (L, B, S, H_kv, K) each. MLA: `c_kv` (L, B, S, R) and the rotated
+    `k_r` (L, B, S, 1, rope), one per token; (L, B, S, H, rope) under openmythos-0.5, as upstream.
+    """
+
+    def __init__(self, arrays: dict[str, torch.Tensor], n_loops: int):
+        self.arrays = dict(arrays)
+        self.n_loops = n_loops
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.arrays.values())).shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.arrays.values())).shape[2]
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def bytes_per_token(self) -> int:
+        """Bytes held per cached token, all layers together (spec.kv_cache_bytes_per_token's total)."""
+        return sum(a.numel() * a.element_size() for a in self.arrays.values()) // (self.batch * self.capacity)
+
+    def write(self, layer: int, start_pos: int, **rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store rows (B, T, ...) at positions start_pos.. of `layer`; return its rows at 0..start_pos+T-1."""
+        out = []
+        for name, r in rows.items():
+            buf = self.arrays[name]
+            end = start_pos + r.shape[1]
+            buf[layer, :, start_pos:end] = r  # in place; a (B, T, 1, rope) key broadcasts to a per-head layout
+            out.append(buf[layer, :, :end])
+        return tuple(out)
 
 
 class GQAttention(nn.Module):
@@ -36,16 +86,18 @@ class GQAttention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * hd, bias=False, dtype=dtype)
         self.wo = nn.Linear(n_heads * hd, dim, bias=False, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
+                layer: int = 0, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, hd), cos, sin)  # (B, T, H, K)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, hd), cos, sin)  # (B, S, H_kv, K)
+        qk = torch.cat([self.wq(x).view(B, T, self.n_heads, hd), self.wk(x).view(B, T, self.n_kv_heads, hd)], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=2)  # (B, T, H, K), (B, S, H_kv, K)
         v = self.wv(x).view(B, T, self.n_kv_heads, hd)
-        groups = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(groups, dim=2)  # (B, S, H, K): head j uses kv head j // groups
-        v = v.repeat_interleave(groups, dim=2)
-        out = causal_attention(q, k, v, hd**-0.5)  # hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
+        if cache is not None:
+            k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
+        q_start = None if cache is None else start_pos
+        # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
+        out = causal_attention(q, k, v, hd**-0.5, q_start)
         return self.wo(out.reshape(B, T, self.n_heads * hd))
 
 
@@ -70,7 +122,8 @@ class MLAttention(nn.Module):
         self.kv_up = nn.Linear(kv_lora_rank, H * (qk_nope_head_dim + v_head_dim), bias=False, dtype=dtype)
         self.wo = nn.Linear(H * v_head_dim, dim, bias=False, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
+                layer: int = 0, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -78,8 +131,12 @@ class MLAttention(nn.Module):
         q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, rope), cos, sin)
         c_kv, k_r = self.kv_down(x).split([self.kv_lora_rank, rope], dim=-1)  # (B, S, kv_lora_rank), (B, S, rope)
         k_r = apply_rope(k_r.view(B, T, 1, rope), cos, sin)  # (B, S, 1, rope): one rotated key per token
-        k_nope, v = self.kv_up(self.kv_norm(c_kv)).view(B, T, H, nope + vd).split([nope, vd], dim=-1)
+        if cache is not None:
+            c_kv, k_r = cache.write(layer, start_pos, c_kv=c_kv, k_r=k_r)  # positions 0..start_pos+T-1
+        S = c_kv.shape[1]
+        k_nope, v = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, nope + vd).split([nope, vd], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, nope + rope)
-        k = torch.cat([k_nope, k_r.expand(B, T, H, rope)], dim=-1)  # (B, S, H, nope + rope)
-        out = causal_attention(q, k, v, (nope + rope) ** -0.5)  # (B, T, H, vd); scale as open-mythos
+        k = torch.cat([k_nope, k_r.expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
+        q_start = None if cache is None else start_pos
+        out = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start)  # (B, T, H, vd); scale as open-mythos
         return self.wo(out.reshape(B, T, H * vd))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from spec import Spec, init_arrays, loop_table, manifest, rope_table
 
-from .attention import GQAttention, MLAttention
+from .attention import GQAttention, KVCache, MLAttention
 from .layers import RMSNorm, SwiGLU, acc_dtype
 from .moe import MoE
 from .recurrent import RecurrentBlock, act_step
@@ -33,10 +33,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps, dtype=dtype)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_idx: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_idx: torch.Tensor | None = None,
+                *, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos)
         f = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             f, idx, margin = self.ffn(f, force_idx)
@@ -76,6 +77,7 @@ class ModelOutput(NamedTuple):
     halted: torch.Tensor  # (B, T) bool, halted by its decision
     n_steps: int  # loop steps executed
     traces: Traces
+    cache: KVCache | None = None  # the cache after this call (the same object, updated in place), or None
 
 
 class Mythos(nn.Module):
@@ -98,9 +100,11 @@ class Mythos(nn.Module):
         cos, sin = rope_table(spec)
         self.register_buffer("rope_cos", torch.from_numpy(cos).to(rot), persistent=False)  # (max_seq_len, K/2)
         self.register_buffer("rope_sin", torch.from_numpy(sin).to(rot), persistent=False)
+        self._rows: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # see _loop_rows
 
     def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
-                force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None) -> ModelOutput:
+                force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
         """Logits, loop counts and traces for token ids.
 
         Args:
@@ -109,35 +113,48 @@ class Mythos(nn.Module):
             early_exit: stop once no position is running (the result equals running all N steps).
             force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold.
             force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
+            cache: a KVCache from init_cache(B, ..., N): ids sit at absolute positions start_pos..start_pos+T-1
+                and see the cached positions before them; every loop step runs (early_exit is ignored).
+            start_pos: absolute position of ids[:, 0] (only with a cache).
         Returns:
-            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces).
+            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces, cache).
         """
         ids = self._check_ids(ids)
         N = self._check_loops(n_loops)
         B, T = ids.shape
         force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
-        # positions 0..T-1 (absolute positions: a KV cache will offset them by start_pos)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start_pos = self._check_cache(cache, start_pos, N, B, T)
+        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos)
+
+    def _forward(self, ids: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
+                 force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int) -> ModelOutput:
+        """forward after its checks (generate's decode steps call it directly)."""
+        T = ids.shape[1]
+        # absolute positions start_pos..start_pos+T-1
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        P = len(self.prelude)
         x = self.embed(ids)  # (B, T, D)
-        for block in self.prelude:
-            x, _, _ = block(x, cos, sin)
-        y, counts, halted, n_steps, traces = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts)
-        for block in self.coda:
-            y, _, _ = block(y, cos, sin)
+        for i, block in enumerate(self.prelude):
+            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos)
+        y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
+                                                              cache, start_pos)
+        for j, block in enumerate(self.coda):
+            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos)
         y = self.norm(y)
         logits = F.linear(y, self.embed.weight) if self.head is None else self.head(y)  # (B, T, V)
-        return ModelOutput(logits, counts, halted, n_steps, traces)
+        return ModelOutput(logits, counts, halted, n_steps, traces, cache)
 
     def loop(self, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, N: int, early_exit: bool,
-             force_halt: torch.Tensor | None, force_experts: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces]:
-        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces."""
+             force_halt: torch.Tensor | None, force_experts: torch.Tensor | None, cache: KVCache | None = None,
+             start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces, KVCache | None]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache."""
         s = self.spec
         B, T, _ = e.shape
         act, dev = acc_dtype(e.dtype), e.device
         # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
-        rows = torch.from_numpy(loop_table(s, N, DTYPE_NAMES[e.dtype])).to(e.dtype).to(dev)  # (N, L)
+        rows = self._loop_rows(N, e.dtype)  # (N, D): zero past the first L channels
         graves = s.halting.remainder == "graves"
+        P = len(self.prelude)
         h, y = e, torch.zeros_like(e)
         c = torch.zeros(B, T, dtype=act, device=dev)
         running = torch.ones(B, T, dtype=torch.bool, device=dev)
@@ -146,7 +163,8 @@ class Mythos(nn.Module):
         steps: list[tuple[torch.Tensor, ...]] = []
         for t in range(N):
             fx = None if force_experts is None else force_experts[t]
-            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx)
+            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx, cache=cache, layer=P + t,
+                                               start_pos=start_pos)
             forced = None if force_halt is None else force_halt == t + 1
             w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves and t == N - 1, forced)
             y = y + w.to(h.dtype)[..., None] * h
@@ -155,11 +173,95 @@ class Mythos(nn.Module):
             norm = torch.linalg.vector_norm(h.to(act), dim=-1).to(h.dtype)
             steps.append((norm, p, c_new, running, idx, margin))
             c, running = c_new, still
+            # with a cache every step runs, so later tokens find cache entries at every depth
             if early_exit and not bool(running.any()):
                 break
         fills = (0, 0, 0, False, -1, float("inf"))
         traces = Traces(*(_stack_steps(list(col), N, fill) for col, fill in zip(zip(*steps), fills)))
-        return y, counts, halted, len(steps), traces
+        return y, counts, halted, len(steps), traces, cache
+
+    def _loop_rows(self, N: int, dtype: torch.dtype) -> torch.Tensor:
+        """spec.loop_table(spec, N) zero-padded to (N, D), in dtype on the model's device, made once per (N, dtype)."""
+        key = (N, dtype, self.embed.weight.device)
+        if key not in self._rows:
+            table = torch.from_numpy(loop_table(self.spec, N, DTYPE_NAMES[dtype])).to(dtype)
+            self._rows[key] = F.pad(table, (0, self.spec.dim - table.shape[-1])).to(self.embed.weight.device)
+        return self._rows[key]
+
+    def init_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
+        """An empty (zero) KVCache for `batch` sequences of up to max_len positions and n_loops loop steps.
+
+        Args:
+            batch: sequences B.
+            max_len: capacity S in positions, 1..spec.max_seq_len (None: max_seq_len).
+            n_loops: loop steps N of the calls that use it (None: recurrent.max_loop_iters).
+        Returns:
+            KVCache with one entry per attention layer (prelude, N loop steps, coda), in the model dtype.
+        """
+        s, a = self.spec, self.spec.attention
+        S = s.max_seq_len if max_len is None else max_len
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+            raise ValueError(f"init_cache: batch={batch!r} must be an integer >= 1")
+        if isinstance(S, bool) or not isinstance(S, numbers.Integral) or not 1 <= S <= s.max_seq_len:
+            raise ValueError(f"init_cache: max_len={max_len!r} must be an integer in 1..max_seq_len={s.max_seq_len}")
+        N = self._check_loops(n_loops)
+        L, B = s.prelude_layers + N + s.coda_layers, int(batch)
+        if a.type == "gqa":
+            shapes = {"k": (L, B, S, a.n_kv_heads, s.head_dim), "v": (L, B, S, a.n_kv_heads, s.head_dim)}
+        else:
+            # one rotated rope key per token; open-mythos caches it once per head
+            heads = a.n_heads if s.semantics == "openmythos-0.5" else 1
+            shapes = {"c_kv": (L, B, S, a.kv_lora_rank), "k_r": (L, B, S, heads, a.qk_rope_head_dim)}
+        w = self.embed.weight
+        return KVCache({n: torch.zeros(shape, dtype=w.dtype, device=w.device) for n, shape in shapes.items()}, N)
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
+                 on_token: Callable[[np.ndarray], None] | None = None) -> torch.Tensor:
+        """Decode with a KV cache: the prompt, then one token per step (docs/design.md "Decoding with a cache").
+
+        Args:
+            ids: (B, T) prompt token ids.
+            max_new_tokens: tokens to add; T + max_new_tokens must not exceed spec.max_seq_len.
+            n_loops: loop steps N of every call (all of them run); None -> recurrent.max_loop_iters.
+            temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
+            top_k, top_p: sampling filters (None: off).
+            seed: seed of numpy.random.default_rng, one uniform per row per step.
+            eos_id: a row that emits it is padded with it; decoding stops once every row has.
+            on_token: called with each step's new tokens (B,) int64, as they come (streaming).
+        Returns:
+            (B, T + max_new_tokens) int64: the prompt followed by the new tokens.
+        """
+        ids = self._check_ids(ids)
+        N = self._check_loops(n_loops)
+        B, T = ids.shape
+        _check_generate(self.spec, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+        if max_new_tokens == 0:
+            return ids
+        cache = self.init_cache(B, T + max_new_tokens, N)
+        rng = np.random.default_rng(seed)
+        done = np.zeros(B, dtype=bool)
+        new: list[np.ndarray] = []
+        out = self(ids, N, cache=cache)  # prefill
+        for i in range(max_new_tokens):
+            logits = out.logits[:, -1].double().cpu().numpy()  # (B, V)
+            tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
+            if eos_id is not None:
+                tok = np.where(done, eos_id, tok)
+                done |= tok == eos_id
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if len(new) == max_new_tokens or done.all():
+                break
+            # forward without its checks: the ids are sampled ids, the positions fit the cache
+            step = torch.from_numpy(tok[:, None]).to(ids.device)
+            out = self._forward(step, N, False, None, None, out.cache, T + i)
+        tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
+        if new:
+            tail[:, :len(new)] = np.stack(new, axis=1)
+        return torch.cat([ids, torch.from_numpy(tail).to(ids.device)], dim=1)
 
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """ids as a (B, T) int64 tensor within the vocabulary and max_seq_len, or a clear ValueError."""
@@ -184,6 +286,31 @@ class Mythos(nn.Module):
             raise ValueError(f"n_loops={n_loops!r} must be an integer >= 1 (None means "
                              f"recurrent.max_loop_iters={self.spec.recurrent.max_loop_iters})")
         return int(n_loops)
+
+    def _check_cache(self, cache: KVCache | None, start_pos: int, N: int, B: int, T: int) -> int:
+        """start_pos as an int, after checking it and the cache against the call, or a clear ValueError."""
+        if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
+            raise ValueError(f"start_pos={start_pos!r} must be an integer >= 0")
+        if cache is None:
+            if start_pos != 0:
+                raise ValueError(f"start_pos={start_pos} needs a cache holding positions 0..{start_pos - 1} "
+                                 "(model.init_cache)")
+            return 0
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache from model.init_cache, got {type(cache).__name__}")
+        if cache.n_loops != N:
+            raise ValueError(f"the cache holds n_loops={cache.n_loops} loop steps but the call runs n_loops={N}")
+        if cache.batch != B:
+            raise ValueError(f"the cache holds batch={cache.batch} sequences but ids has B={B}")
+        if start_pos + T > cache.capacity:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the cache capacity of "
+                             f"{cache.capacity} positions (init_cache(max_len=...), at most max_seq_len="
+                             f"{self.spec.max_seq_len})")
+        w = self.embed.weight
+        for name, a in cache.arrays.items():
+            if a.dtype != w.dtype or a.device != w.device:
+                raise ValueError(f"cache {name!r} is {a.dtype} on {a.device}, the model {w.dtype} on {w.device}")
+        return int(start_pos)
 
     def _check_force(self, force_halt: torch.Tensor | None, force_experts: torch.Tensor | None, N: int, B: int,
                      T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -215,7 +342,7 @@ class Mythos(nn.Module):
 def _stack_steps(rows: list[torch.Tensor], n: int, fill: float | bool | int) -> torch.Tensor:
     """Stack per-step rows to (n, ...), steps not run filled with `fill`."""
     x = torch.stack(rows)
-    return torch.cat([x, x.new_full((n - len(rows), *x.shape[1:]), fill)])
+    return x if len(rows) == n else torch.cat([x, x.new_full((n - len(rows), *x.shape[1:]), fill)])
 
 
 def load_arrays(model: Mythos, arrays: Mapping[str, np.ndarray]) -> None:
@@ -272,6 +399,65 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
 
 
 def forward(model: Mythos, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
-            force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None) -> ModelOutput:
+            force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
+            cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
     """model(ids, ...): the same call as the JAX twin's compiled forward."""
-    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts)
+    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
+                 cache=cache, start_pos=start_pos)
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None) -> np.ndarray:
+    """The next token of each row from its last-position logits (B, V), in float64 NumPy on the host.
+
+    temperature 0: argmax, ties to the lower id, no random draw. Else logits / temperature, then top-k,
+    then top-p (the smallest set of ids, by descending probability with ties to lower ids, whose
+    probability reaches top_p), then the inverse CDF over ids in ascending order at one uniform per row
+    from rng. The same code in both twins: the same seed gives the same tokens when the logits agree.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return np.argmax(z, axis=-1)
+    B, V = z.shape
+    z = z / temperature
+    order = np.argsort(-z, axis=-1, kind="stable")  # (B, V) descending, ties to the lower id
+    keep_sorted = np.ones((B, V), dtype=bool)
+    if top_k is not None:
+        keep_sorted[:, top_k:] = False
+    keep = np.zeros((B, V), dtype=bool)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    z = np.where(keep, z, -np.inf)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True)
+    if top_p is not None:
+        cum = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
+        n_keep = np.minimum((cum < top_p).sum(axis=-1) + 1, V)  # entries before the first that reaches top_p, and it
+        keep = np.zeros((B, V), dtype=bool)
+        np.put_along_axis(keep, order, np.arange(V)[None, :] < n_keep[:, None], axis=-1)
+        p = np.where(keep, p, 0.0)
+    cdf = np.cumsum(p, axis=-1)
+    u = rng.random(B)  # one uniform per row per step
+    return np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=-1), V - 1)  # first id with cdf > u * total
+
+
+def _check_generate(s: Spec, T: int, max_new_tokens: int, temperature: float, top_k: int | None,
+                    top_p: float | None, seed: int, eos_id: int | None) -> None:
+    """generate's arguments, checked before any work, or a clear ValueError."""
+    def is_int(x: object) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if T + max_new_tokens > s.max_seq_len:
+        raise ValueError(f"the prompt's {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} "
+                         f"positions exceed max_seq_len={s.max_seq_len}")
+    if not isinstance(temperature, numbers.Real) or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1 or None")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1] or be None")
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < s.vocab_size):
+        raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, vocab_size={s.vocab_size}) or None")

@@ -47,21 +47,57 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(n_experts, hidden, dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """Row m of x (M, D) through expert[m] (M,): grouped by expert, padded, batched matmuls."""
-        M, D = x.shape
-        E = self.gate.shape[0]
-        expert = expert.long()
-        order = torch.argsort(expert, stable=True)  # rows sorted by expert
-        counts = torch.bincount(expert, minlength=E)  # (E,)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(M, device=x.device) - starts[expert[order]]  # (M,) place in its group
-        G = int(counts.max()) if M > 0 else 0
-        xg = x.new_zeros(E, G, D)  # (E, G, D): each expert's rows, zero-padded to the largest group
-        xg[expert, rank] = x
-        hg = F.silu(torch.bmm(xg, self.gate)) * torch.bmm(xg, self.up)  # (E, G, hidden)
-        yg = torch.bmm(hg, self.down)  # (E, G, D)
-        return yg[expert, rank]  # (M, D)
+        """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D), slot by slot.
+
+        The N*k (token, slot) rows are sorted by expert (stable) and grouped: one grouped matmul per
+        weight over the sorted rows (F.grouped_mm), so no row is padded and no Python loop runs over
+        experts. What grouped_mm refuses (float64; rows not a multiple of 16 bytes) pads every group
+        to the largest instead (`_padded`, the float64 path of parity runs).
+        """
+        N, k = expert.shape
+        E, _, hidden = self.gate.shape
+        flat = expert.reshape(-1).long()  # (M,), row m = (token m // k, slot m % k)
+        if not _grouped_mm_takes(x, hidden):
+            return _padded(x.repeat_interleave(k, dim=0), flat, self.gate, self.up, self.down).view(N, k, -1)
+        order = torch.argsort(flat, stable=True)  # (M,) rows sorted by expert
+        offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)  # (E,) end of each group
+        xs = x.index_select(0, order // k)  # (M, D) sorted rows (index_select: ~2x faster than x[...])
+        hs = F.silu(F.grouped_mm(xs, self.gate, offs=offs)) * F.grouped_mm(xs, self.up, offs=offs)  # (M, hidden)
+        ys = F.grouped_mm(hs, self.down, offs=offs)  # (M, D)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # sorted position of row m
+        return ys.index_select(0, inverse).view(N, k, -1)  # back to (token, slot) order
+
+
+def _grouped_mm_takes(x: torch.Tensor, hidden: int) -> bool:
+    """Whether F.grouped_mm takes rows like x (M, D) with this hidden width: float32 or bfloat16 on the CPU,
+    bfloat16 on CUDA sm80+ (torch 2.13), and rows of 16-byte multiples."""
+    if x.device.type == "cpu":
+        dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        dtypes = (torch.bfloat16,)
+    else:
+        return False
+    size = x.element_size()
+    return x.dtype in dtypes and x.shape[-1] * size % 16 == 0 and hidden * size % 16 == 0
+
+
+def _padded(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    """Row m of x (M, D) through expert[m] (M,): each group zero-padded to the largest, batched matmuls."""
+    M, D = x.shape
+    E = gate.shape[0]
+    order = torch.argsort(expert, stable=True)  # rows sorted by expert
+    counts = torch.bincount(expert, minlength=E)  # (E,)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(M, device=x.device) - starts[expert[order]]  # (M,) place in its group
+    G = int(counts.max()) if M > 0 else 0
+    xg = x.new_zeros(E, G, D)  # (E, G, D): each expert's rows, zero-padded to the largest group
+    xg[expert, rank] = x
+    hg = F.silu(torch.bmm(xg, gate)) * torch.bmm(xg, up)  # (E, G, hidden)
+    yg = torch.bmm(hg, down)  # (E, G, D)
+    return yg[expert, rank]  # (M, D)
 
 
 class MoE(nn.Module):
@@ -96,7 +132,7 @@ class MoE(nn.Module):
             s = torch.softmax(z, dim=-1).gather(-1, idx.long())
             w = s / s.sum(-1, keepdim=True)
         flat = x.reshape(B * T, D)
-        y = self.experts(flat.repeat_interleave(k, dim=0), idx.reshape(-1)).view(B * T, k, D)
+        y = self.experts(flat, idx.reshape(B * T, k))  # (B*T, k, D)
         w = w.reshape(B * T, k).to(x.dtype)
         out = torch.zeros_like(flat)
         for j in range(k):  # slot by slot, the summation order of open-mythos

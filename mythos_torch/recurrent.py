@@ -13,12 +13,13 @@ from spec import Spec
 from .layers import RMSNorm, acc_dtype
 
 if TYPE_CHECKING:
+    from .attention import KVCache
     from .model import Block
 
 
 def add_loop_embedding(h: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """h (B, T, D) plus one loop_table row (L,) on its first L channels."""
-    return h + F.pad(row, (0, h.shape[-1] - row.shape[-1]))
+    """h (B, T, D) plus one loop_table row (L,) on its first L channels (a row of D channels: as is)."""
+    return h + (row if row.shape[-1] == h.shape[-1] else F.pad(row, (0, h.shape[-1] - row.shape[-1])))
 
 
 class LoRA(nn.Module):
@@ -89,8 +90,8 @@ def act_step(p: torch.Tensor, c: torch.Tensor, running: torch.Tensor, threshold:
     """
     decide = c + p >= threshold if forced is None else forced
     halts = running & (decide | last)
-    w = torch.where(running, torch.where(halts, 1.0 - c, p), torch.zeros_like(p))
-    c = c + torch.where(running, p, torch.zeros_like(p))  # open-mythos: c + p * running
+    w = torch.where(running, torch.where(halts, 1.0 - c, p), 0.0)
+    c = c + torch.where(running, p, 0.0)  # open-mythos: c + p * running
     return w, c, running & ~halts, halts
 
 
@@ -107,12 +108,15 @@ class RecurrentBlock(nn.Module):
         self.act = ACT(d, spec.halting.head, spec.halting.mlp_hidden, dtype=dtype)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, t: int, row: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, force_idx: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Step t: h (B, T, D) -> new h, halting p (B, T), expert idx (B, T, k), router margin (B, T)."""
+                sin: torch.Tensor, force_idx: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                layer: int = 0, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step t: h (B, T, D) -> new h, halting p (B, T), expert idx (B, T, k), router margin (B, T).
+
+        With a cache, the block's attention writes and reads cache layer `layer` (P + t).
+        """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         n = self.norm(add_loop_embedding(h, row) + e)  # (h + emb) + e, open-mythos' association
-        o, idx, margin = self.block(n, cos, sin, force_idx)
+        o, idx, margin = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos)
         if self.lora is not None:
             o = o + self.lora(o, t)
         h = self.injection(h, e, o)

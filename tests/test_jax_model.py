@@ -623,11 +623,11 @@ def test_twin_parity_float64(name):
 def test_public_names():
     names = [
         "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
-        "causal_attention", "GQAttention", "MLAttention",
+        "causal_attention", "KVCache", "GQAttention", "MLAttention",
         "route", "Experts", "MoE", "expert_load", "update_router_bias",
         "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
         "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
-        "set_parity_precision",
+        "sample_next", "set_parity_precision",
     ]
     assert mj.__all__ == names and all(hasattr(mj, n) for n in names)
     try:

@@ -641,10 +641,10 @@ def test_openmythos_rope_rotates_in_float32_even_in_a_float64_model():
 def test_public_names():
     assert mt.__all__ == [
         "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
-        "causal_attention", "GQAttention", "MLAttention",
+        "causal_attention", "KVCache", "GQAttention", "MLAttention",
         "route", "Experts", "MoE", "expert_load", "update_router_bias",
         "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
         "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
-        "set_parity_precision",
+        "sample_next", "set_parity_precision",
     ]
     assert all(hasattr(mt, n) for n in mt.__all__)

@@ -1,0 +1,184 @@
+"""Incremental decoding speed: the torch twin, the jax twin and open-mythos' own KV-cache decode.
+
+    python bench/decode.py                      # bench-s-gqa dims, 64-token prompt, batch 1 and 8
+    python bench/decode.py --new-tokens 16 --repeats 3 --batch 1
+
+One process, one set of weights: open-mythos 0.5.0's model is built with the bench-s-gqa dims
+(seeded torch init) and imported into both twins with weights_bridge.from_open_mythos. Every model
+decodes greedily from the same prompt, the same number of tokens, every token with all loop steps
+(a KV cache makes all three run every step). Timed: the prefill (prompt -> first token) and the
+decode steps after it; decode tokens/s = batch * (new tokens - 1) / decode seconds. Repeats are
+interleaved (om, torch, jax, om, ...) so that background load hits all three alike; medians.
+
+open-mythos decodes through its own forward(ids, n_loops, kv_cache=dict, start_pos=p) with greedy
+argmax (its generate() samples); the twins through model.generate(..., on_token=...), their public
+API. Torch runs under torch.inference_mode for both torch models, with ONE intra-op thread by
+default (--threads to change it): a decode step is thousands of ops on (B, 1, 256) tensors, too small
+to split, and a second OpenMP thread only adds wake-ups (on a shared 2-core machine, spin-waits
+that made both torch models 10-20x slower in our runs). JAX keeps its own CPU thread pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402  (bench/common.py: open-mythos model, weight import, thread setup)
+
+PRESET = "bench-s-gqa"
+N_LOOPS = 8
+PROMPT = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Result:
+    """Timings of one implementation at one batch size, over the repeats."""
+    name: str
+    batch: int
+    prefill: list[float] = field(default_factory=list)  # seconds, prompt -> first token
+    decode: list[float] = field(default_factory=list)  # seconds, first token -> last token
+    tokens: np.ndarray | None = None  # (B, new) of the last repeat
+
+    def rate(self, new: int) -> float:
+        """Decode tokens/s (median)."""
+        return self.batch * (new - 1) / statistics.median(self.decode)
+
+    def best(self, new: int) -> float:
+        """Decode tokens/s of the fastest repeat (least disturbed by other processes)."""
+        return self.batch * (new - 1) / min(self.decode)
+
+    def step_ms(self, new: int) -> float:
+        return 1e3 * statistics.median(self.decode) / (new - 1)
+
+
+def om_decoder(om, ids: np.ndarray, new: int) -> Callable[[], tuple[float, float, np.ndarray]]:
+    """open-mythos' own incremental decode: its forward with a dict kv_cache, greedy."""
+    import torch
+
+    def run() -> tuple[float, float, np.ndarray]:
+        x = torch.from_numpy(ids)
+        T = ids.shape[1]
+        out = []
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache: dict = {}
+            tok = om(x, n_loops=N_LOOPS, kv_cache=cache, start_pos=0)[:, -1].argmax(-1, keepdim=True)
+            out.append(tok)
+            t1 = time.perf_counter()
+            for i in range(new - 1):
+                tok = om(tok, n_loops=N_LOOPS, kv_cache=cache, start_pos=T + i)[:, -1].argmax(-1, keepdim=True)
+                out.append(tok)
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, torch.cat(out, 1).numpy()
+
+    return run
+
+
+def twin_decoder(model, ids: np.ndarray, new: int, backend: str) -> Callable[[], tuple[float, float, np.ndarray]]:
+    """A twin's model.generate (greedy), timed by its on_token callback."""
+    def run() -> tuple[float, float, np.ndarray]:
+        stamps: list[float] = []
+        prompt = ids
+        if backend == "torch":
+            import torch
+            prompt = torch.from_numpy(ids)
+        t0 = time.perf_counter()
+        out = model.generate(prompt, new, n_loops=N_LOOPS, on_token=lambda tok: stamps.append(time.perf_counter()))
+        return stamps[0] - t0, stamps[-1] - stamps[0], np.asarray(out)[:, ids.shape[1]:]
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (default 32)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation (default 5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the results as markdown here (e.g. docs/decode-benchmarks.md)")
+    args = ap.parse_args()
+    new = args.new_tokens
+    if new < 2:
+        ap.error("--new-tokens must be >= 2 (the first token comes from the prefill)")
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    C.setup_torch(args.threads)
+    import jax
+    import torch
+
+    say(f"building open-mythos ({PRESET} dims) and importing its weights into both twins ...")
+    om = C.build_open_mythos(PRESET)
+    twins = {b: C.import_twin(om, b) for b in ("torch", "jax")}
+    s = C.om_spec(PRESET)
+    results: list[Result] = []
+    for B in args.batch:
+        ids = C.make_ids(s.vocab_size, B, PROMPT)
+        runners = {"open-mythos": om_decoder(om, ids, new),
+                   "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch"),
+                   "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax")}
+        res = {name: Result(name, B) for name in runners}
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()  # warmup (jax: compiles the prefill and the decode step)
+            say(f"batch {B}: {name} warmed up ({time.perf_counter() - t:.1f} s)")
+        for r in range(args.repeats):
+            for name, run in runners.items():
+                p, d, toks = run()
+                res[name].prefill.append(p)
+                res[name].decode.append(d)
+                res[name].tokens = toks
+            say(f"batch {B}: repeat {r + 1}/{args.repeats}: " + ", ".join(
+                f"{n} {B * (new - 1) / res[n].decode[-1]:,.0f} tok/s" for n in runners))
+        results += res.values()
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average {load} at the end: "
+           f"other processes share them), torch {torch.__version__} ({torch.get_num_threads()} intra-op thread(s)), "
+           f"jax {jax.__version__}, python {platform.python_version()}")
+    lines = table(results, new)
+    ref_tokens = {r.batch: r.tokens for r in results if r.name == "open-mythos"}
+    agree = [f"- batch {r.batch}, {r.name}: {int((r.tokens == ref_tokens[r.batch]).sum())}/{r.tokens.size} greedy "
+             "tokens equal open-mythos'" for r in results if r.name != "open-mythos"]
+    print("\n".join(lines + [""] + agree))
+    if args.out is not None:
+        cmd = "python bench/decode.py " + " ".join(sys.argv[1:])
+        body = [f"# Decode benchmark ({PRESET} dims, open-mythos weights)", "",
+                f"Command: `{cmd}`", "", f"Machine: {env}.", "",
+                f"Prompt {PROMPT} tokens, {new} new tokens per run (greedy), {N_LOOPS} loop steps per token "
+                f"(all run: KV cache), medians of {args.repeats} interleaved repeats (and the fastest repeat "
+                "of each).", "",
+                *lines, "", *agree, ""]
+        args.out.write_text("\n".join(body))
+        say(f"written to {args.out}")
+
+
+def table(results: list[Result], new: int) -> list[str]:
+    """A markdown table: decode tokens/s (median, best), ms per step, prefill ms, ratios to open-mythos."""
+    ref = {r.batch: r for r in results if r.name == "open-mythos"}
+    out = ["| batch | implementation | decode tokens/s | ms per step | prefill ms | vs open-mythos | "
+           "best repeat: tokens/s | best vs best |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        o = ref[r.batch]
+        out.append(f"| {r.batch} | {r.name} | {r.rate(new):,.0f} | {r.step_ms(new):.2f} | "
+                   f"{1e3 * statistics.median(r.prefill):.1f} | {r.rate(new) / o.rate(new):.2f}x | "
+                   f"{r.best(new):,.0f} | {r.best(new) / o.best(new):.2f}x |")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Forward and forward+backward speed: open-mythos 0.5.0 vs the torch twin vs the JAX twin.
+
+    .venv/bin/python bench/forward.py                       # all three presets, 9 timed rounds
+    .venv/bin/python bench/forward.py --quick               # smoke run: small inputs, 2 repeats
+    .venv/bin/python bench/forward.py --presets bench-m-moe64 --repeats 7 --json out.json
+
+One process, one set of weights per preset: open-mythos' own model is built (seeded), its halting
+head is set so that every position runs all N = 8 loop steps (zero weight, bias -30: p ~ 1e-13),
+and weights_bridge.from_open_mythos imports it into both twins. All three then execute the same 8
+loop steps on the same token ids (checked: open-mythos through a hook on its halting head, the
+twins through n_steps), so the ratios compare equal work. The ACT check uses a second copy whose
+halting bias is 0 (p = 0.5: every position halts at step 2) and compares it with the 8-step one.
+
+Timing: wall clock, float32, no_grad for the torch forwards; medians over `--repeats` rounds after
+`--warmup` rounds; in each round every measurement runs once, in the same order (so machine noise
+hits all of them alike). JAX compile time is excluded from the timings and reported on its own.
+Torch runs with 2 intra-op threads (bench.common.TORCH_THREADS); XLA's CPU client uses one thread
+per core (2 here). See docs/benchmarks.md for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/forward.py` from anywhere
+
+from bench import common as C  # noqa: E402
+
+import numpy as np  # noqa: E402
+import spec as spec_lib  # noqa: E402
+
+N_LOOPS = 8
+IMPLS = ("open-mythos", "torch", "jax")
+QUICK_SHAPE = (1, 64)
+
+
+@dataclass
+class PresetResult:
+    """Everything measured for one preset (times in seconds, memory in bytes)."""
+    preset: str
+    batch: int
+    tokens: int
+    flops_per_token: float  # analytic forward FLOPs per token at N_LOOPS steps (spec.flops_per_token)
+    steps: dict[str, int] = field(default_factory=dict)  # loop steps each implementation executed
+    max_dlogit: dict[str, float] = field(default_factory=dict)  # twin vs open-mythos, float32
+    fwd: dict[str, list[float]] = field(default_factory=dict)
+    fwdbwd: dict[str, list[float]] = field(default_factory=dict)
+    act2: dict[str, list[float]] = field(default_factory=dict)  # forward, every position halts at step 2
+    act2_steps: dict[str, int] = field(default_factory=dict)
+    mem_fwd: dict[str, int] = field(default_factory=dict)
+    mem_fwdbwd: dict[str, int] = field(default_factory=dict)
+    xla_temp: dict[str, int] = field(default_factory=dict)  # XLA's compiled temp buffer bytes (jax)
+    compile_s: dict[str, float] = field(default_factory=dict)  # jax: fwd, fwd+bwd
+    ceiling: dict[str, list[float]] = field(default_factory=dict)  # 2048^3 float32 matmul seconds
+    # CPU cores used by other processes during each timed call, keyed like the times ("fwd/torch")
+    foreign: dict[str, list[float]] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)  # 1-minute load average at the start and after each round
+
+
+# --------------------------------------------------------------------------- the three models
+
+
+class Case:
+    """One preset, loaded three ways, with the calls to time."""
+
+    def __init__(self, name: str, batch: int, tokens: int):
+        import jax
+        import torch
+
+        import mythos_jax as mj
+
+        self.name, self.batch, self.tokens = name, batch, tokens
+        om = C.build_open_mythos(name)
+        C.set_halting(om, C.NEVER_HALT_BIAS)
+        om2 = copy.deepcopy(om)
+        C.set_halting(om2, C.HALT_AT_2_BIAS)
+        self.om, self.om2 = om, om2
+        self.pt, self.pt2 = C.import_twin(om, "torch"), C.import_twin(om2, "torch")
+        self.jx, self.jx2 = C.import_twin(om, "jax"), C.import_twin(om2, "jax")
+        self.spec = self.pt.spec
+        ids = C.make_ids(self.spec.vocab_size, batch, tokens)
+        self.ids_np = ids
+        self.ids_pt = torch.from_numpy(ids)
+        self.ids_jx = jax.numpy.asarray(ids, dtype=jax.numpy.int32)
+        self.targets_pt = torch.roll(self.ids_pt, -1, dims=1)  # next-token targets (wrapped: the cost is the same)
+        self.targets_jx = jax.numpy.roll(self.ids_jx, -1, axis=1)
+        self._mj = mj
+        self._jax_step = None
+
+    # forwards ---------------------------------------------------------------
+
+    def om_fwd(self, model=None) -> object:
+        import torch
+
+        with torch.no_grad():
+            return (model or self.om)(self.ids_pt, n_loops=N_LOOPS)
+
+    def pt_fwd(self, model=None) -> object:
+        import torch
+
+        with torch.no_grad():
+            return (model or self.pt)(self.ids_pt, N_LOOPS)
+
+    def jx_fwd(self, model=None) -> object:
+        out = self._mj.forward(model or self.jx, self.ids_jx, N_LOOPS)
+        out.logits.block_until_ready()
+        return out
+
+    # forward + backward -----------------------------------------------------
+
+    def om_fwdbwd(self) -> None:
+        self._torch_fwdbwd(self.om, lambda: self.om(self.ids_pt, n_loops=N_LOOPS))
+
+    def pt_fwdbwd(self) -> None:
+        self._torch_fwdbwd(self.pt, lambda: self.pt(self.ids_pt, N_LOOPS).logits)
+
+    def _torch_fwdbwd(self, model, logits_fn: Callable[[], object]) -> None:
+        import torch.nn.functional as F
+
+        model.zero_grad(set_to_none=True)
+        logits = logits_fn()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets_pt.reshape(-1))
+        loss.backward()
+
+    def jx_fwdbwd(self) -> None:
+        import jax
+
+        loss, grads = self._jax_step(self._jx_state, self.ids_jx, self.targets_jx)
+        jax.block_until_ready((loss, grads))
+
+    def compile_jax(self, memory: bool) -> tuple[float, float, int | None, int | None]:
+        """Compile the JAX forward (through mythos_jax.forward) and the fwd+bwd step (AOT).
+
+        Returns compile seconds of each (forward: first call minus a warm call) and, when `memory`,
+        XLA's temp buffer bytes of each compiled program (forward: an AOT copy of the same program).
+        """
+        import jax
+        import optax  # noqa: F401  (not needed: no optimizer step is timed)
+        from flax import nnx
+
+        graphdef, state = nnx.split(self.jx)
+        self._jx_state = state
+
+        def loss_fn(state, ids, targets):
+            model = nnx.merge(graphdef, state)
+            # lax.scan over all N steps: the differentiable loop (early_exit=False)
+            logits = model(ids, N_LOOPS, early_exit=False).logits
+            logp = jax.nn.log_softmax(logits.astype(jax.numpy.float32), axis=-1)
+            return -jax.numpy.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+        t0 = time.perf_counter()
+        self.jx_fwd()
+        first = time.perf_counter() - t0
+        warm = statistics.median(C.time_once(self.jx_fwd) for _ in range(2))
+        fwd_compile = max(0.0, first - warm)
+
+        step = jax.jit(jax.value_and_grad(loss_fn))  # grads w.r.t. the whole state (Params and the bias)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, self.ids_jx, self.targets_jx).compile()
+        bwd_compile = time.perf_counter() - t0
+        self._jax_step = compiled
+        self.jx_fwdbwd()  # first run of the compiled program, not timed
+
+        fwd_temp = bwd_temp = None
+        if memory:
+            bwd_temp = _temp_bytes(compiled)
+            fwd = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids, N_LOOPS).logits)
+            fwd_temp = _temp_bytes(fwd.lower(state, self.ids_jx).compile())
+        return fwd_compile, bwd_compile, fwd_temp, bwd_temp
+
+
+def _temp_bytes(compiled: object) -> int | None:
+    """XLA's temp (scratch) buffer bytes of a compiled program, when the backend reports it."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend/version implements memory_analysis
+        return None
+
+
+def om_steps(case: Case, model) -> int:
+    return C.om_steps(model, lambda: case.om_fwd(model))
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memory: bool, progress, task) -> PresetResult:
+    """Build, check and time one preset (progress: a rich Progress advanced once per timed call)."""
+    import torch
+
+    r = PresetResult(name, batch, tokens, spec_lib.flops_per_token(spec_lib.preset(name), tokens, N_LOOPS)["total"])
+    r.load.append(os.getloadavg()[0])
+    progress.update(task, description=f"{name}: building")
+    case = Case(name, batch, tokens)
+
+    # equal work: every implementation runs all N_LOOPS steps (and the halting copy stops at 2)
+    progress.update(task, description=f"{name}: checking steps and logits")
+    r.steps["open-mythos"] = om_steps(case, case.om)
+    ref = case.om_fwd().double().numpy()
+    out_pt = case.pt_fwd()
+    r.steps["torch"] = int(out_pt.n_steps)
+    r.max_dlogit["torch"] = float(np.abs(out_pt.logits.double().numpy() - ref).max())
+    progress.update(task, description=f"{name}: compiling jax")
+    fwd_c, bwd_c, fwd_t, bwd_t = case.compile_jax(memory)
+    r.compile_s = {"fwd": fwd_c, "fwd+bwd": bwd_c}
+    if fwd_t is not None:
+        r.xla_temp = {"fwd": fwd_t, "fwd+bwd": bwd_t}
+    out_jx = case.jx_fwd()
+    r.steps["jax"] = int(out_jx.n_steps)
+    r.max_dlogit["jax"] = float(np.abs(np.asarray(out_jx.logits, np.float64) - ref).max())
+    r.act2_steps = {"open-mythos": om_steps(case, case.om2), "torch": int(case.pt_fwd(case.pt2).n_steps),
+                    "jax": int(case.jx_fwd(case.jx2).n_steps)}
+    for impl, n in r.steps.items():
+        if n != N_LOOPS:
+            raise RuntimeError(f"{name}: {impl} ran {n} loop steps, expected {N_LOOPS} (the halting override failed)")
+    for impl, n in r.act2_steps.items():
+        if n != 2:
+            raise RuntimeError(f"{name}: {impl} with halting bias {C.HALT_AT_2_BIAS} ran {n} steps, expected 2")
+
+    calls: list[tuple[dict, str, Callable[[], object]]] = [
+        (r.fwd, "open-mythos", case.om_fwd), (r.fwd, "torch", case.pt_fwd), (r.fwd, "jax", case.jx_fwd),
+        (r.act2, "open-mythos", lambda: case.om_fwd(case.om2)), (r.act2, "torch", lambda: case.pt_fwd(case.pt2)),
+        (r.act2, "jax", lambda: case.jx_fwd(case.jx2)),
+        (r.fwdbwd, "open-mythos", case.om_fwdbwd), (r.fwdbwd, "torch", case.pt_fwdbwd), (r.fwdbwd, "jax", case.jx_fwdbwd),
+        (r.ceiling, "torch", C.torch_matmul_seconds), (r.ceiling, "jax", C.jax_matmul_seconds),
+    ]
+    for rnd in range(warmup + repeats):
+        timed = rnd >= warmup
+        label = f"round {rnd - warmup + 1}/{repeats}" if timed else f"warmup {rnd + 1}/{warmup}"
+        for store, impl, fn in calls:
+            progress.update(task, description=f"{name}: {label}: {_label(store, r)} {impl}")
+            result: list = []
+            t, other = C.time_with_load(lambda: result.append(fn()))
+            if store is r.ceiling:
+                t = result[0]  # the matmul helpers time their own best call (set-up and warmup excluded)
+            if timed:
+                store.setdefault(impl, []).append(t)
+                r.foreign.setdefault(f"{_label(store, r)}/{impl}", []).append(other)
+            progress.advance(task)
+        r.load.append(os.getloadavg()[0])
+
+    if memory:
+        progress.update(task, description=f"{name}: peak memory")
+        for impl, fwd, fb in (("open-mythos", case.om_fwd, case.om_fwdbwd), ("torch", case.pt_fwd, case.pt_fwdbwd),
+                              ("jax", case.jx_fwd, case.jx_fwdbwd)):
+            r.mem_fwd[impl], _ = C.peak_rss_delta(fwd)
+            r.mem_fwdbwd[impl], _ = C.peak_rss_delta(fb)
+    torch.set_grad_enabled(True)
+    r.load.append(os.getloadavg()[0])
+    return r
+
+
+def _label(store: dict, r: PresetResult) -> str:
+    return {id(r.fwd): "fwd", id(r.act2): "fwd (halt at 2)", id(r.fwdbwd): "fwd+bwd", id(r.ceiling): "matmul"}[id(store)]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] / b[i]: both timed in the same round, so a noisy round moves both."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+QUIET = 0.25  # a call is "quiet" when other processes used less than this many cores meanwhile
+
+
+def quiet_median(times: list[float], foreign: list[float]) -> float | None:
+    """Median of the calls during which other processes stayed below QUIET cores (None if fewer than 2)."""
+    q = [t for t, f in zip(times, foreign) if f < QUIET]
+    return statistics.median(q) if len(q) >= 2 else None
+
+
+def summary(r: PresetResult) -> dict:
+    """Medians, rates and ratios of one preset, as plain numbers.
+
+    Ratios are medians of per-round ratios (paired); `*_best_x` compare the best (fastest) rounds;
+    `*_quiet_x` compare medians of the quiet calls only (other processes below QUIET cores). The
+    matmul ceiling is the best of all its samples: the most the machine gave in this run.
+    """
+    n_tok = r.batch * r.tokens
+    out: dict = {"preset": r.preset, "shape": f"{r.batch}x{r.tokens}", "rows": {}}
+    om_f, om_fb = r.fwd["open-mythos"], r.fwdbwd["open-mythos"]
+    for impl in IMPLS:
+        ceiling_s = min(r.ceiling["jax" if impl == "jax" else "torch"])
+        f, fb, a2 = med(r.fwd[impl]), med(r.fwdbwd[impl]), med(r.act2[impl])
+        row = {
+            "fwd_ms": 1e3 * f, "fwd_tok_s": n_tok / f, "fwd_x": paired(om_f, r.fwd[impl]),
+            "fwd_best_ms": 1e3 * min(r.fwd[impl]), "fwd_best_x": min(om_f) / min(r.fwd[impl]),
+            "fwdbwd_ms": 1e3 * fb, "fwdbwd_tok_s": n_tok / fb, "fwdbwd_x": paired(om_fb, r.fwdbwd[impl]),
+            "fwdbwd_best_ms": 1e3 * min(r.fwdbwd[impl]), "fwdbwd_best_x": min(om_fb) / min(r.fwdbwd[impl]),
+            "fwd_gflops": r.flops_per_token * n_tok / f / 1e9,
+            "fwd_best_gflops": r.flops_per_token * n_tok / min(r.fwd[impl]) / 1e9,
+            "ceiling_gflops": C.matmul_flops() / ceiling_s / 1e9,
+            "act2_ms": 1e3 * a2, "act2_ratio": paired(r.act2[impl], r.fwd[impl]),
+            "fwd_spread": (max(r.fwd[impl]) - min(r.fwd[impl])) / f,
+            "mem_fwd": r.mem_fwd.get(impl), "mem_fwdbwd": r.mem_fwdbwd.get(impl),
+        }
+        for mode, times in (("fwd", r.fwd), ("fwdbwd", r.fwdbwd)):
+            key = "fwd" if mode == "fwd" else "fwd+bwd"
+            q_om = quiet_median(times["open-mythos"], r.foreign[f"{key}/open-mythos"])
+            q_me = quiet_median(times[impl], r.foreign[f"{key}/{impl}"])
+            row[f"{mode}_quiet_x"] = q_om / q_me if q_om and q_me else None
+            row[f"{mode}_quiet_n"] = sum(f < QUIET for f in r.foreign[f"{key}/{impl}"])
+            row[f"{mode}_foreign"] = statistics.median(r.foreign[f"{key}/{impl}"])
+        row["fwd_ceiling_frac"] = row["fwd_gflops"] / row["ceiling_gflops"]
+        row["fwd_best_ceiling_frac"] = row["fwd_best_gflops"] / row["ceiling_gflops"]
+        out["rows"][impl] = row
+    return out
+
+
+TARGETS = [  # (preset, impl, metric, threshold, text)
+    ("bench-s-gqa", "jax", "fwd_x", 2.5, ">="), ("bench-s-gqa", "torch", "fwd_x", 1.5, ">="),
+    ("bench-m-moe64", "jax", "fwd_x", 5.0, ">="), ("bench-m-moe64", "torch", "fwd_x", 3.0, ">="),
+    ("bench-m-moe64", "jax", "fwdbwd_x", 2.0, ">="), ("bench-m-moe64", "torch", "fwdbwd_x", 1.5, ">="),
+    ("bench-m-moe64", "jax", "fwd_ceiling_frac", 0.60, ">="),
+    ("*", "torch", "act2_ratio", 0.40, "<="), ("*", "jax", "act2_ratio", 0.40, "<="),
+]
+
+
+def target_rows(sums: list[dict]) -> list[tuple[str, str, float, str, bool]]:
+    rows = []
+    for preset, impl, metric, thr, op in TARGETS:
+        for s in sums:
+            if preset in ("*", s["preset"]):
+                v = s["rows"][impl][metric]
+                ok = v >= thr if op == ">=" else v <= thr
+                rows.append((f"{s['preset']} {impl} {metric}", f"{op} {thr:g}", v, "met" if ok else "MISSED", ok))
+    return rows
+
+
+COLUMNS = ("model", "fwd ms", "fwd tok/s", "fwd x om", "quiet x om", "fwd+bwd ms", "fwd+bwd tok/s", "fwd+bwd x om",
+           "quiet x om", "fwd GFLOP/s", "% of matmul ceiling", "halt@2 / 8 steps", "peak RSS fwd", "peak RSS fwd+bwd",
+           "other procs (cores)")
+
+
+def cells(impl: str, row: dict) -> list[str]:
+    """One table row: medians, paired ratios, quiet-call ratios, efficiency, ACT ratio, memory, contention."""
+    def quiet(mode: str) -> str:
+        x = row[f"{mode}_quiet_x"]
+        return "-" if x is None else f"{x:.2f} ({row[f'{mode}_quiet_n']})"
+
+    return [impl, f"{row['fwd_ms']:,.1f}", f"{row['fwd_tok_s']:,.0f}", f"{row['fwd_x']:.2f}", quiet("fwd"),
+            f"{row['fwdbwd_ms']:,.1f}", f"{row['fwdbwd_tok_s']:,.0f}", f"{row['fwdbwd_x']:.2f}", quiet("fwdbwd"),
+            f"{row['fwd_gflops']:.0f}",
+            f"{100 * row['fwd_ceiling_frac']:.0f}% (best {100 * row['fwd_best_ceiling_frac']:.0f}%) of {row['ceiling_gflops']:.0f}",
+            f"{100 * row['act2_ratio']:.0f}%", _mib(row["mem_fwd"]), _mib(row["mem_fwdbwd"]),
+            f"{row['fwd_foreign']:.2f} / {row['fwdbwd_foreign']:.2f}"]
+
+
+def notes(r: PresetResult) -> str:
+    extra = [f"analytic forward FLOPs/token {r.flops_per_token / 1e6:.1f} M",
+             f"jax compile: fwd {r.compile_s['fwd']:.1f} s, fwd+bwd {r.compile_s['fwd+bwd']:.1f} s"]
+    if r.xla_temp:
+        extra.append(f"XLA temp buffers: fwd {_mib(r.xla_temp['fwd'])}, fwd+bwd {_mib(r.xla_temp['fwd+bwd'])}")
+    extra.append("max |dlogit| vs open-mythos: " + ", ".join(f"{k} {v:.1e}" for k, v in r.max_dlogit.items()))
+    extra.append(f"load average (1 min) over the rounds: {min(r.load):.1f}..{max(r.load):.1f}")
+    return "; ".join(extra)
+
+
+def markdown(sums: list[dict], results: list[PresetResult]) -> str:
+    """The tables of docs/benchmarks.md."""
+    lines = []
+    for s, r in zip(sums, results):
+        lines += [f"### {s['preset']}: {s['shape']} tokens, {N_LOOPS} loop steps in all three, {len(r.fwd['torch'])} rounds",
+                  "", "| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
+        lines += ["| " + " | ".join(cells(impl, row)) + " |" for impl, row in s["rows"].items()]
+        lines += ["", notes(r) + ".", ""]
+    lines += ["### Targets", "", "| target | wanted | measured (median of paired ratios) | |", "|---|---|---:|---|"]
+    for what, want, v, verdict, _ in target_rows(sums):
+        lines.append(f"| {what} | {want} | {v:.2f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def print_tables(console, sums: list[dict], results: list[PresetResult]) -> None:
+    from rich.table import Table
+
+    for s, r in zip(sums, results):
+        t = Table(title=f"{s['preset']}  {s['shape']} tokens, {N_LOOPS} steps, medians of {len(r.fwd['torch'])} rounds")
+        for col in COLUMNS:
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for impl, row in s["rows"].items():
+            t.add_row(*cells(impl, row))
+        console.print(t)
+        console.print("  " + notes(r))
+    t = Table(title="targets (ratios to open-mythos at equal loop steps: medians of per-round ratios)")
+    for col in ("target", "wanted", "measured", ""):
+        t.add_column(col)
+    for what, want, v, verdict, ok in target_rows(sums):
+        t.add_row(what, want, f"{v:.2f}", f"[green]{verdict}[/]" if ok else f"[red]{verdict}[/]")
+    console.print(t)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=",".join(C.SHAPES), help="comma-separated presets (default: all three)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per preset (default 9; --quick 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: batch x tokens = {QUICK_SHAPE}, 2 repeats, no memory")
+    p.add_argument("--json", type=Path, help="write raw times and the summary here")
+    p.add_argument("--markdown", type=Path, help="write the docs/benchmarks.md tables here")
+    a = p.parse_args(argv)
+    repeats = a.repeats if a.repeats is not None else (2 if a.quick else 9)
+    names = [n.strip() for n in a.presets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in C.SHAPES]
+    if unknown:
+        p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(C.SHAPES)}")
+    if repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    C.setup_torch()
+    import jax  # noqa: F401  (imported before the first timing, so its start-up is not timed)
+
+    console = Console(width=max(Console().width, 200))  # the tables are wide; piped output keeps them whole
+    console.print(f"torch threads {C.TORCH_THREADS}; cpus {os.cpu_count()}; n_loops {N_LOOPS}; "
+                  f"repeats {repeats} (+{a.warmup} warmup); load average {os.getloadavg()[0]:.1f}")
+    results: list[PresetResult] = []
+    per_round = 11
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        for name in names:
+            batch, tokens = QUICK_SHAPE if a.quick else C.SHAPES[name]
+            task = progress.add_task(name, total=per_round * (repeats + a.warmup))
+            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task))
+            progress.update(task, description=f"{name}: done")
+    sums = [summary(r) for r in results]
+    print_tables(console, sums, results)
+    if a.markdown:
+        a.markdown.write_text(markdown(sums, results))
+    if a.json:
+        a.json.write_text(json.dumps({"results": [asdict(r) for r in results], "summary": sums}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Grouped MoE dispatch (`Experts`) of both twins against a float64 NumPy row-by-row loop.
+
+The dispatch paths are: torch `F.grouped_mm` over expert-sorted rows (float32, bfloat16), torch's
+padded batched matmuls (float64 and rows grouped_mm refuses), and JAX's loops over big and small
+tiles of sorted rows with its own VJP (every dtype). Routing patterns cover what the benchmarks see
+at random init (a few experts take most rows, many take none), tiles that are exactly full, one
+expert taking big tiles and small ones, and a single token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import mythos_jax as mj
+import mythos_torch as mt
+
+D, HIDDEN = 8, 16  # rows of 16-byte multiples in float32 and bfloat16: torch takes its grouped_mm path
+
+
+def silu(a: np.ndarray) -> np.ndarray:
+    return a / (1.0 + np.exp(-a))
+
+
+def naive(x: np.ndarray, expert: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, k, D): token n through expert[n, j], one row at a time, float64."""
+    out = np.zeros((*expert.shape, x.shape[1]))
+    for n, j in np.ndindex(*expert.shape):
+        e = expert[n, j]
+        out[n, j] = (silu(x[n] @ w["gate"][e]) * (x[n] @ w["up"][e])) @ w["down"][e]
+    return out
+
+
+def routing(pattern: str, N: int, k: int, E: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, k) expert ids following a named pattern."""
+    if pattern == "uniform":
+        return rng.integers(0, E, (N, k))
+    if pattern == "skewed":  # like random init: most rows on two experts, a few elsewhere, many empty
+        p = np.full(E, 0.02 / (E - 2))
+        p[[1, E - 2]] = 0.49
+        return rng.choice(E, size=(N, k), p=p / p.sum())
+    if pattern == "one":  # every row on the last expert
+        return np.full((N, k), E - 1)
+    if pattern == "full-tiles":  # every used expert gets exactly a multiple of 16 rows
+        return (np.arange(N * k) // 16 % E).reshape(N, k)[rng.permutation(N)]
+    raise ValueError(pattern)
+
+
+CASES = [  # (pattern, N tokens, k, E)
+    ("uniform", 37, 2, 5), ("skewed", 300, 4, 64), ("skewed", 130, 2, 8), ("one", 50, 3, 6),
+    ("full-tiles", 64, 2, 4), ("uniform", 1, 4, 64), ("skewed", 512, 1, 16), ("one", 400, 2, 4),
+]
+
+
+def weights(E: int, rng: np.random.Generator, hidden: int = HIDDEN) -> dict[str, np.ndarray]:
+    return {"gate": rng.normal(size=(E, D, hidden)), "up": rng.normal(size=(E, D, hidden)),
+            "down": rng.normal(size=(E, hidden, D))}
+
+
+def torch_experts(w: dict[str, np.ndarray], dtype: torch.dtype) -> mt.Experts:
+    E, _, hidden = w["gate"].shape
+    ex = mt.Experts(E, D, hidden, dtype=dtype)
+    with torch.no_grad():
+        for n, a in w.items():
+            getattr(ex, n).copy_(torch.from_numpy(a))
+    return ex
+
+
+def jax_experts(w: dict[str, np.ndarray], dtype: jnp.dtype) -> mj.Experts:
+    E, _, hidden = w["gate"].shape
+    ex = nnx.eval_shape(lambda: mj.Experts(E, D, hidden, dtype=dtype, rngs=nnx.Rngs(0)))
+    for n, a in w.items():
+        getattr(ex, n).set_value(jnp.asarray(a, dtype=dtype))
+    return ex
+
+
+@nnx.jit
+def _jcall(ex: mj.Experts, x: jax.Array, expert: jax.Array) -> jax.Array:
+    return ex(x, expert)
+
+
+def report(name: str, got, ref: np.ndarray) -> float:
+    got = np.asarray(got.detach().double() if isinstance(got, torch.Tensor) else np.asarray(got, np.float64))
+    err = np.abs(got - ref)
+    print(f"{name}: max abs error {err.max():.3e}, mean {err.mean():.3e}")
+    return float(err.max() / max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("hidden", [HIDDEN, 5])  # 5: 20-byte float32 rows, torch's padded fallback
+@pytest.mark.parametrize("pattern, N, k, E", CASES)
+def test_experts_equal_a_row_by_row_loop(pattern, N, k, E, hidden):
+    rng = np.random.default_rng(N * 7 + E)
+    w, x = weights(E, rng, hidden), rng.normal(size=(N, D))
+    expert = routing(pattern, N, k, E, rng)
+    ref = naive(x, expert, w)
+    idx = expert.astype(np.int32)
+    # float64: torch's padded batched matmuls and JAX's tile loop
+    assert report("torch float64", torch_experts(w, torch.float64)(torch.from_numpy(x), torch.from_numpy(idx)), ref) < 1e-12
+    assert report("jax float64", _jcall(jax_experts(w, jnp.float64), jnp.asarray(x), jnp.asarray(idx)), ref) < 1e-12
+    # float32: torch's grouped_mm (its padded fallback for hidden=5)
+    x32 = x.astype(np.float32)
+    assert report("torch float32", torch_experts(w, torch.float32)(torch.from_numpy(x32), torch.from_numpy(idx)), ref) < 1e-5
+    assert report("jax float32", _jcall(jax_experts(w, jnp.float32), jnp.asarray(x32), jnp.asarray(idx)), ref) < 1e-5
+
+
+def test_bfloat16_dispatch_runs_in_both_twins():
+    rng = np.random.default_rng(3)
+    w, x = weights(8, rng), rng.normal(size=(40, D))
+    expert = routing("skewed", 40, 2, 8, rng).astype(np.int32)
+    ref = naive(x, expert, w)
+    t = torch_experts(w, torch.bfloat16)(torch.from_numpy(x).bfloat16(), torch.from_numpy(expert))
+    j = _jcall(jax_experts(w, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16), jnp.asarray(expert))
+    assert t.dtype == torch.bfloat16 and j.dtype == jnp.bfloat16
+    scale = np.abs(ref).max()
+    assert report("torch bfloat16", t, ref) < 5e-2 * scale and report("jax bfloat16", j, ref) < 5e-2 * scale
+
+
+@pytest.mark.parametrize("pattern, N, k, E", CASES[:5])
+def test_jax_tile_vjp_equals_autodiff_of_a_dense_reference(pattern, N, k, E):
+    """The hand-written VJP of the tile loop against jax.grad of an all-experts masked computation."""
+    rng = np.random.default_rng(11 + N)
+    w, x = weights(E, rng), rng.normal(size=(N, D))
+    expert = jnp.asarray(routing(pattern, N, k, E, rng).astype(np.int32))
+    ct = jnp.asarray(rng.normal(size=(N, k, D)))
+
+    def dense(x, gate, up, down):  # every expert on every row, then the chosen one kept: (N, k, D)
+        h = jax.nn.silu(jnp.einsum("nd,edh->neh", x, gate)) * jnp.einsum("nd,edh->neh", x, up)
+        y = jnp.einsum("neh,ehd->ned", h, down)  # (N, E, D)
+        return jnp.take_along_axis(y, expert[..., None], axis=1)  # (N, k, D)
+
+    def tiles(x, gate, up, down):
+        ex = jax_experts({"gate": gate, "up": up, "down": down}, jnp.float64)
+        return ex(x, expert)
+
+    args = (jnp.asarray(x), *(jnp.asarray(w[n]) for n in ("gate", "up", "down")))
+    want = jax.grad(lambda *a: jnp.vdot(dense(*a), ct), argnums=(0, 1, 2, 3))(*args)
+    got = jax.jit(jax.grad(lambda *a: jnp.vdot(tiles(*a), ct), argnums=(0, 1, 2, 3)))(*args)
+    for name, g, r in zip(("x", "gate", "up", "down"), got, want):
+        assert report(f"d{name}", g, np.asarray(r)) < 1e-12, name
+
+
+def test_torch_grouped_mm_gradients_equal_the_float64_padded_path():
+    rng = np.random.default_rng(5)
+    E, N, k = 16, 96, 4
+    w, x = weights(E, rng), rng.normal(size=(N, D))
+    expert = torch.from_numpy(routing("skewed", N, k, E, rng).astype(np.int32))
+    ct = rng.normal(size=(N, k, D))
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        ex = torch_experts(w, dtype)
+        xt = torch.from_numpy(x).to(dtype).requires_grad_()
+        ex(xt, expert).backward(torch.from_numpy(ct).to(dtype))
+        grads[dtype] = [xt.grad] + [getattr(ex, n).grad for n in ("gate", "up", "down")]
+    for name, g32, g64 in zip(("x", "gate", "up", "down"), grads[torch.float32], grads[torch.float64]):
+        assert report(f"d{name} float32 vs float64", g32, g64.numpy()) < 1e-5, name
