@@ -88,7 +88,6 @@ class Case:
         self.jx, self.jx2 = C.import_twin(om, "jax"), C.import_twin(om2, "jax")
         self.spec = self.pt.spec
         ids = C.make_ids(self.spec.vocab_size, batch, tokens)
-        self.ids_np = ids
         self.ids_pt = torch.from_numpy(ids)
         self.ids_jx = jax.numpy.asarray(ids, dtype=jax.numpy.int32)
         self.targets_pt = torch.roll(self.ids_pt, -1, dims=1)  # next-token targets (wrapped: the cost is the same)
@@ -134,7 +133,7 @@ class Case:
     def jx_fwdbwd(self) -> None:
         import jax
 
-        loss, grads = self._jax_step(self._jx_state, self.ids_jx, self.targets_jx)
+        loss, grads = self._jax_step(*self._jx_state, self.ids_jx, self.targets_jx)
         jax.block_until_ready((loss, grads))
 
     def compile_jax(self, memory: bool) -> tuple[float, float, int | None, int | None]:
@@ -144,17 +143,16 @@ class Case:
         XLA's temp buffer bytes of each compiled program (forward: an AOT copy of the same program).
         """
         import jax
-        import optax  # noqa: F401  (not needed: no optimizer step is timed)
         from flax import nnx
 
-        graphdef, state = nnx.split(self.jx)
-        self._jx_state = state
+        graphdef, params, rest = nnx.split(self.jx, nnx.Param, ...)  # gradients of the Params only
+        self._jx_state = (params, rest)
 
-        def loss_fn(state, ids, targets):
-            model = nnx.merge(graphdef, state)
+        def loss_fn(params, rest, ids, targets):
+            model = nnx.merge(graphdef, params, rest)
             # lax.scan over all N steps: the differentiable loop (early_exit=False)
             logits = model(ids, N_LOOPS, early_exit=False).logits
-            logp = jax.nn.log_softmax(logits.astype(jax.numpy.float32), axis=-1)
+            logp = jax.nn.log_softmax(logits, axis=-1)
             return -jax.numpy.take_along_axis(logp, targets[..., None], axis=-1).mean()
 
         t0 = time.perf_counter()
@@ -163,9 +161,9 @@ class Case:
         warm = statistics.median(C.time_once(self.jx_fwd) for _ in range(2))
         fwd_compile = max(0.0, first - warm)
 
-        step = jax.jit(jax.value_and_grad(loss_fn))  # grads w.r.t. the whole state (Params and the bias)
+        step = jax.jit(jax.value_and_grad(loss_fn))  # loss and d loss / d params
         t0 = time.perf_counter()
-        compiled = step.lower(state, self.ids_jx, self.targets_jx).compile()
+        compiled = step.lower(params, rest, self.ids_jx, self.targets_jx).compile()
         bwd_compile = time.perf_counter() - t0
         self._jax_step = compiled
         self.jx_fwdbwd()  # first run of the compiled program, not timed
@@ -173,8 +171,8 @@ class Case:
         fwd_temp = bwd_temp = None
         if memory:
             bwd_temp = _temp_bytes(compiled)
-            fwd = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids, N_LOOPS).logits)
-            fwd_temp = _temp_bytes(fwd.lower(state, self.ids_jx).compile())
+            fwd = jax.jit(lambda params, rest, ids: nnx.merge(graphdef, params, rest)(ids, N_LOOPS).logits)
+            fwd_temp = _temp_bytes(fwd.lower(params, rest, self.ids_jx).compile())
         return fwd_compile, bwd_compile, fwd_temp, bwd_temp
 
 
@@ -193,10 +191,9 @@ def om_steps(case: Case, model) -> int:
 # --------------------------------------------------------------------------- measurement
 
 
-def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memory: bool, progress, task) -> PresetResult:
+def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memory: bool, progress,
+            task) -> PresetResult:
     """Build, check and time one preset (progress: a rich Progress advanced once per timed call)."""
-    import torch
-
     r = PresetResult(name, batch, tokens, spec_lib.flops_per_token(spec_lib.preset(name), tokens, N_LOOPS)["total"])
     r.load.append(os.getloadavg()[0])
     progress.update(task, description=f"{name}: building")
@@ -230,7 +227,8 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
         (r.fwd, "open-mythos", case.om_fwd), (r.fwd, "torch", case.pt_fwd), (r.fwd, "jax", case.jx_fwd),
         (r.act2, "open-mythos", lambda: case.om_fwd(case.om2)), (r.act2, "torch", lambda: case.pt_fwd(case.pt2)),
         (r.act2, "jax", lambda: case.jx_fwd(case.jx2)),
-        (r.fwdbwd, "open-mythos", case.om_fwdbwd), (r.fwdbwd, "torch", case.pt_fwdbwd), (r.fwdbwd, "jax", case.jx_fwdbwd),
+        (r.fwdbwd, "open-mythos", case.om_fwdbwd), (r.fwdbwd, "torch", case.pt_fwdbwd),
+        (r.fwdbwd, "jax", case.jx_fwdbwd),
         (r.ceiling, "torch", C.torch_matmul_seconds), (r.ceiling, "jax", C.jax_matmul_seconds),
     ]
     for rnd in range(warmup + repeats):
@@ -254,13 +252,13 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
                               ("jax", case.jx_fwd, case.jx_fwdbwd)):
             r.mem_fwd[impl], _ = C.peak_rss_delta(fwd)
             r.mem_fwdbwd[impl], _ = C.peak_rss_delta(fb)
-    torch.set_grad_enabled(True)
     r.load.append(os.getloadavg()[0])
     return r
 
 
 def _label(store: dict, r: PresetResult) -> str:
-    return {id(r.fwd): "fwd", id(r.act2): "fwd (halt at 2)", id(r.fwdbwd): "fwd+bwd", id(r.ceiling): "matmul"}[id(store)]
+    names = {id(r.fwd): "fwd", id(r.act2): "fwd (halt at 2)", id(r.fwdbwd): "fwd+bwd", id(r.ceiling): "matmul"}
+    return names[id(store)]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -356,7 +354,8 @@ def cells(impl: str, row: dict) -> list[str]:
     return [impl, f"{row['fwd_ms']:,.1f}", f"{row['fwd_tok_s']:,.0f}", f"{row['fwd_x']:.2f}", quiet("fwd"),
             f"{row['fwdbwd_ms']:,.1f}", f"{row['fwdbwd_tok_s']:,.0f}", f"{row['fwdbwd_x']:.2f}", quiet("fwdbwd"),
             f"{row['fwd_gflops']:.0f}",
-            f"{100 * row['fwd_ceiling_frac']:.0f}% (best {100 * row['fwd_best_ceiling_frac']:.0f}%) of {row['ceiling_gflops']:.0f}",
+            f"{100 * row['fwd_ceiling_frac']:.0f}% (best {100 * row['fwd_best_ceiling_frac']:.0f}%)"
+            f" of {row['ceiling_gflops']:.0f}",
             f"{100 * row['act2_ratio']:.0f}%", _mib(row["mem_fwd"]), _mib(row["mem_fwdbwd"]),
             f"{row['fwd_foreign']:.2f} / {row['fwdbwd_foreign']:.2f}"]
 
@@ -375,7 +374,8 @@ def markdown(sums: list[dict], results: list[PresetResult]) -> str:
     """The tables of docs/benchmarks.md."""
     lines = []
     for s, r in zip(sums, results):
-        lines += [f"### {s['preset']}: {s['shape']} tokens, {N_LOOPS} loop steps in all three, {len(r.fwd['torch'])} rounds",
+        title = f"{s['preset']}: {s['shape']} tokens, {N_LOOPS} loop steps in all three, {len(r.fwd['torch'])} rounds"
+        lines += [f"### {title}",
                   "", "| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
         lines += ["| " + " | ".join(cells(impl, row)) + " |" for impl, row in s["rows"].items()]
         lines += ["", notes(r) + ".", ""]
@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default=",".join(C.SHAPES), help="comma-separated presets (default: all three)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per preset (default 9; --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    p.add_argument("--quick", action="store_true", help=f"smoke run: batch x tokens = {QUICK_SHAPE}, 2 repeats, no memory")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: batch x tokens = {QUICK_SHAPE}, 2 repeats, no memory")
     p.add_argument("--json", type=Path, help="write raw times and the summary here")
     p.add_argument("--markdown", type=Path, help="write the docs/benchmarks.md tables here")
     a = p.parse_args(argv)

@@ -98,12 +98,13 @@ def test_experts_equal_a_row_by_row_loop(pattern, N, k, E, hidden):
     expert = routing(pattern, N, k, E, rng)
     ref = naive(x, expert, w)
     idx = expert.astype(np.int32)
+    T = torch.from_numpy
     # float64: torch's padded batched matmuls and JAX's tile loop
-    assert report("torch float64", torch_experts(w, torch.float64)(torch.from_numpy(x), torch.from_numpy(idx)), ref) < 1e-12
+    assert report("torch float64", torch_experts(w, torch.float64)(T(x), T(idx)), ref) < 1e-12
     assert report("jax float64", _jcall(jax_experts(w, jnp.float64), jnp.asarray(x), jnp.asarray(idx)), ref) < 1e-12
     # float32: torch's grouped_mm (its padded fallback for hidden=5)
     x32 = x.astype(np.float32)
-    assert report("torch float32", torch_experts(w, torch.float32)(torch.from_numpy(x32), torch.from_numpy(idx)), ref) < 1e-5
+    assert report("torch float32", torch_experts(w, torch.float32)(T(x32), T(idx)), ref) < 1e-5
     assert report("jax float32", _jcall(jax_experts(w, jnp.float32), jnp.asarray(x32), jnp.asarray(idx)), ref) < 1e-5
 
 
