@@ -46,12 +46,40 @@ class LoopEmbeddingSpec:
 
 
 @dataclass(frozen=True)
+class CrossLoopSpec:
+    """Cross-loop attention (ARCHITECTURE.md 5a): each position attends over its own earlier loop states."""
+    enabled: bool = False
+    n_heads: int = 4  # must divide dim
+
+
+@dataclass(frozen=True)
+class CompressorSpec:
+    """Context compressor (ARCHITECTURE.md 5b): per-chunk latent summaries written after each step."""
+    enabled: bool = False
+    chunk: int = 16  # positions per chunk (c)
+    n_summaries: int = 2  # summary vectors per chunk (m)
+    n_heads: int = 4  # must divide dim
+
+
+@dataclass(frozen=True)
+class MemoryGateSpec:
+    """Memory gate (ARCHITECTURE.md 5c): h' = f*A*h + B*e + g*o with per-channel sigmoid gates."""
+    enabled: bool = False
+    forget_bias: float = 3.0  # initial b_f: sigmoid(3) ~ 0.95, start by remembering
+    input_bias: float = 0.0  # initial b_i
+
+
+@dataclass(frozen=True)
 class RecurrentSpec:
     max_loop_iters: int = 8  # N_train: default loop count and size of the LoRA scale table
     ffn: Literal["moe", "dense"] = "moe"
     loop_embedding: LoopEmbeddingSpec = field(default_factory=LoopEmbeddingSpec)
     lora_rank: int = 8  # 0 turns the depth-wise LoRA off
     injection: Literal["lti"] = "lti"
+    cross_loop_attention: CrossLoopSpec = field(default_factory=CrossLoopSpec)
+    compressor: CompressorSpec = field(default_factory=CompressorSpec)
+    memory_gate: MemoryGateSpec = field(default_factory=MemoryGateSpec)
+    checkpoint: bool = False  # recompute each loop step in the backward pass (5f); same gradients
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,21 @@ class HaltingSpec:
     remainder: Literal["graves", "openmythos"] = "graves"
     head: Literal["linear", "mlp"] = "linear"
     mlp_hidden: int = 64  # head=mlp only
+    straight_through: bool = False  # forward uses hard weights 1[t == count], backward the soft ACT weights
+
+
+@dataclass(frozen=True)
+class ValueHeadSpec:
+    """Value head (ARCHITECTURE.md 5d): values = RMSNorm_f(y) w_v + b_v, one scalar per position."""
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Weights of the training loss terms beside cross-entropy (all 0: plain cross-entropy)."""
+    ponder: float = 0.0  # ponder cost mean(count + R), gradient through R
+    halting_entropy: float = 0.0  # beta of -beta * mean H(p_t) over running steps
+    consistency: float = 0.0  # value drift across loop steps (needs value_head.enabled)
 
 
 @dataclass(frozen=True)
@@ -92,6 +135,8 @@ class Spec:
     recurrent: RecurrentSpec = field(default_factory=RecurrentSpec)
     moe: MoESpec = field(default_factory=MoESpec)
     halting: HaltingSpec = field(default_factory=HaltingSpec)
+    value_head: ValueHeadSpec = field(default_factory=ValueHeadSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
     init: InitSpec = field(default_factory=InitSpec)
 
     # Derived values: computed from the fields above, never stored in YAML.
@@ -138,6 +183,12 @@ SEMANTICS_FIXED: dict[str, dict[str, object]] = {
         "recurrent.loop_embedding.theta": 10000.0,
         "tie_embeddings": True,
         "dense_hidden": None,
+        # the hypothesised components are not in open-mythos 0.5
+        "recurrent.cross_loop_attention.enabled": False,
+        "recurrent.compressor.enabled": False,
+        "recurrent.memory_gate.enabled": False,
+        "halting.straight_through": False,
+        "value_head.enabled": False,
     },
     "mythos": {},
 }
@@ -362,6 +413,21 @@ def validate(s: Spec) -> None:
         need(m.n_shared_experts >= 0, f"moe.n_shared_experts={m.n_shared_experts} must be >= 0")
         need(m.expert_dim >= 1, f"moe.expert_dim={m.expert_dim} must be >= 1")
         need(m.bias_update_rate >= 0, f"moe.bias_update_rate={m.bias_update_rate} must be >= 0")
+
+    cl, cp = r.cross_loop_attention, r.compressor
+    if cl.enabled:
+        need(cl.n_heads >= 1 and s.dim % cl.n_heads == 0,
+             f"recurrent.cross_loop_attention.n_heads={cl.n_heads} must be >= 1 and divide dim={s.dim}")
+    if cp.enabled:
+        need(cp.n_heads >= 1 and s.dim % cp.n_heads == 0,
+             f"recurrent.compressor.n_heads={cp.n_heads} must be >= 1 and divide dim={s.dim}")
+        need(cp.chunk >= 1, f"recurrent.compressor.chunk={cp.chunk} must be >= 1")
+        need(cp.n_summaries >= 1, f"recurrent.compressor.n_summaries={cp.n_summaries} must be >= 1")
+    for path, v in [("loss.ponder", s.loss.ponder), ("loss.halting_entropy", s.loss.halting_entropy),
+                    ("loss.consistency", s.loss.consistency)]:
+        need(v >= 0, f"{path}={v} must be >= 0")
+    need(s.loss.consistency == 0 or s.value_head.enabled,
+         f"loss.consistency={s.loss.consistency} needs value_head.enabled=true (the loss compares value-head outputs)")
 
     need(0 < h.threshold <= 1, f"halting.threshold={h.threshold} must be in (0, 1]")
     if h.head == "mlp":
