@@ -90,19 +90,30 @@ def cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def check_arrays(s: spec_lib.Spec, arrays: Mapping[str, np.ndarray], dtype: str) -> list[str]:
     """Every way ``arrays`` differs from the manifest of ``s`` in a ``dtype`` model, one line each."""
+    found = {path: (tuple(np.shape(a)), dtype_name(np.asarray(a))) for path, a in arrays.items()}
+    return manifest_errors(s, found, dtype, in_file=False)
+
+
+def manifest_errors(s: spec_lib.Spec, found: Mapping[str, tuple[tuple[int, ...], str]], dtype: str, *,
+                    in_file: bool) -> list[str]:
+    """Missing, unexpected, misshapen and wrongly typed tensors of ``found`` {name: (shape, dtype name)}.
+
+    The one check behind ``check_arrays`` (tensors in memory) and ``read_file`` (a file's header, before
+    any data is read).
+    """
+    src, dst = (" from the file", " in the file") if in_file else ("", "")
     errors: list[str] = []
     want = {p.path: p for p in spec_lib.manifest(s)}
     for path in want:
-        if path not in arrays:
-            errors.append(f"{path}: missing (the spec's manifest has it, shape {want[path].shape})")
-    for path, a in arrays.items():
+        if path not in found:
+            errors.append(f"{path}: missing{src} (the spec's manifest has it, shape {want[path].shape})")
+    for path, (shape, got) in found.items():
         if path not in want:
-            errors.append(f"{path}: unexpected tensor (not in the spec's manifest)")
+            errors.append(f"{path}: unexpected tensor{dst} (not in the spec's manifest)")
             continue
-        shape = tuple(np.shape(a))
-        if shape != want[path].shape:
-            errors.append(f"{path}: shape {shape} but the spec says {want[path].shape}")
-        got, need = dtype_name(np.asarray(a)), expected_dtype(path, dtype)
+        if tuple(shape) != want[path].shape:
+            errors.append(f"{path}: shape {tuple(shape)} but the spec says {want[path].shape}")
+        need = expected_dtype(path, dtype)
         if got != need:
             errors.append(f"{path}: dtype {got} but a {dtype} model stores it as {need}")
     return errors
@@ -283,22 +294,9 @@ def read_file(path: str | os.PathLike, *, progress: Progress | None = None) -> t
         raise BridgeError(f"{path}: metadata sha256 is not valid JSON") from None
 
     # names, shapes and dtypes against the spec, from the header alone
-    errors: list[str] = []
-    want = {p.path: p for p in spec_lib.manifest(s)}
-    for name in want:
-        if name not in entries:
-            errors.append(f"{name}: missing from the file (the spec's manifest has it)")
-    for name, e in entries.items():
-        if name not in want:
-            errors.append(f"{name}: in the file but not in the spec's manifest")
-            continue
-        if tuple(e["shape"]) != want[name].shape:
-            errors.append(f"{name}: shape {tuple(e['shape'])} but the spec says {want[name].shape}")
-        need = ST_TAGS[expected_dtype(name, dtype)]
-        if e["dtype"] != need:
-            errors.append(f"{name}: stored as {e['dtype']} but a {dtype} model stores it as {need}")
-        if name not in digests:
-            errors.append(f"{name}: no checksum in the metadata")
+    errors = manifest_errors(s, {name: (tuple(e["shape"]), TAG_NAMES.get(e["dtype"], e["dtype"]))
+                                 for name, e in entries.items()}, dtype, in_file=True)
+    errors += [f"{name}: no checksum in the metadata" for name in entries if name not in digests]
     raise_if(errors, f"{path} does not match its spec")
 
     arrays: dict[str, np.ndarray] = {}
@@ -321,4 +319,4 @@ def read_file(path: str | os.PathLike, *, progress: Progress | None = None) -> t
             if progress is not None:
                 progress(name, end - b)
     raise_if(errors, f"{path} is corrupt")
-    return s, {p: arrays[p] for p in want}, dtype
+    return s, {p.path: arrays[p.path] for p in spec_lib.manifest(s)}, dtype
