@@ -1,4 +1,4 @@
-"""The `mythos` command line: info, parity, convert."""
+"""The `mythos` command line: info, parity, generate, trace, convert."""
 
 from __future__ import annotations
 
@@ -264,6 +264,45 @@ def generate_command(
         t.add_row("decode tokens/s", f"{(n_new - 2) / (stamps[-1] - stamps[1]):,.1f}")
     t.add_row("total", f"{time.perf_counter() - started:.2f} s")
     console.print(t)
+
+
+@app.command("trace")
+def trace_command(
+    source: str = typer.Argument(..., metavar="SPEC_OR_WEIGHTS",
+                                 help="a .safetensors file written by weights_bridge.save, or a spec: " + SPEC_HELP
+                                 + " (random weights from --seed)"),
+    backend: str = typer.Option("torch", help="torch | jax"),
+    prompt: str = typer.Option("", help="prompt text (byte tokenizer; BOS is prepended)"),
+    out: Optional[Path] = typer.Option(None, help="folder for trace.json and the PNGs (default: trace-<spec>-<backend>)"),
+    n_loops: Optional[int] = typer.Option(None, "--n-loops", min=1, help="loop steps (default: max_loop_iters)"),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float64 | bfloat16 (default: the file's, float32 for a spec)"),
+    seed: int = typer.Option(0, min=0, help="seed of the weights when SOURCE is a spec"),
+    attention: bool = typer.Option(False, "--attention", help="also dump attention probabilities (large)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
+) -> None:
+    """One forward pass of the prompt: halting, state-norm and expert-usage PNGs plus a JSON of every trace.
+
+    Exit status: 0 on success, 2 on bad input (nothing is written then). See docs/trace.md.
+    """
+    from . import trace as tr
+
+    label = Path(source).stem if source.endswith((".safetensors", ".yaml", ".yml")) else source
+    out_dir = out if out is not None else Path(f"trace-{label}-{backend}")
+    with console.status(f"loading {backend}") as status:
+        try:
+            r = tr.run_trace(source, backend, prompt, n_loops=n_loops, dtype=dtype, seed=seed, sets=set_,
+                             attention=attention, progress=status.update)
+        except tr.TraceInputError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        status.update(f"writing {out_dir}")
+        try:
+            written, notes = tr.write_all(r, out_dir)
+        except OSError as e:
+            console.print(f"[red]error:[/red] cannot write to {out_dir}: {e}")
+            raise typer.Exit(1) from None
+    for table in tr.summary(r, written, notes, out_dir):
+        console.print(table)
 
 
 @app.command("convert")
