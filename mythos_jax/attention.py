@@ -9,13 +9,29 @@ from flax import nnx
 from .layers import RMSNorm, acc_dtype, apply_rope
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                     q_start: int | jax.Array | None = None) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, q_start: int | jax.Array | None = None,
+                     *, return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (B,T,H,K_v).
 
     Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
-    q_start + i (None: the queries are the last T keys).
+    q_start + i (None: the queries are the last T keys). return_probs: also the probabilities
+    (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`).
     """
+    T, S = q.shape[1], k.shape[1]
+    start = S - T if q_start is None else q_start
+    if return_probs:
+        p = attention_probs(q, k, scale, start)  # (B, H, T, S)
+        return _weighted_values(p.astype(v.dtype), v), p
+    if q_start is None and T == S and q.dtype != jnp.float64 and v.shape[-1] == q.shape[-1]:
+        # no cache: XLA's fused form, 8-12% faster forwards here, the same float32 arithmetic (logits in
+        # float32 also for bfloat16, softmax in float32). It always soft-maxes in float32, so a float64
+        # model keeps the explicit path (exact float64 parity); it also needs K_v == K (MLA may differ)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
+    return _weighted_values(attention_probs(q, k, scale, start).astype(v.dtype), v)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.Array) -> jax.Array:
+    """softmax(q k^T * scale) under the causal mask, (B, H, T, S) in the acc dtype (the explicit computation)."""
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -24,13 +40,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     scores = jnp.einsum("btngk,bsnk->bngts", qg, k) * scale  # (B, H_kv, G, T, S)
     # softmax in float32 for bfloat16 (both twins)
     scores = scores.astype(acc_dtype(scores.dtype))
-    start = S - T if q_start is None else q_start
     # causal mask by absolute position: query start + i sees keys 0..start + i (with a cache, start is
     # traced and keys past it hold zeros or stale rows: always masked)
     mask = jnp.arange(S, dtype=jnp.int32)[None, :] <= (start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, S)
     scores = jnp.where(mask, scores, jnp.array(-jnp.inf, dtype=scores.dtype))
-    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bngts,bsnk->btngk", p, v)  # (B, T, H_kv, G, K_v)
+    return jax.nn.softmax(scores, axis=-1).reshape(B, H, T, S)  # head n*G + g = query head j
+
+
+def _weighted_values(p: jax.Array, v: jax.Array) -> jax.Array:
+    """p (B, H, T, S) @ v (B, S, H_kv, K_v) with query head j reading kv head j // (H / H_kv) -> (B, T, H, K_v)."""
+    B, H, T, S = p.shape
+    Hkv = v.shape[2]
+    out = jnp.einsum("bngts,bsnk->btngk", p.reshape(B, Hkv, H // Hkv, T, S), v)  # (B, T, H_kv, G, K_v)
     return out.reshape(B, T, H, -1)  # (B, T, H, K_v)
 
 
@@ -106,7 +127,9 @@ class GQAttention(nnx.Module):
         self.wo = nnx.Linear(n_heads * hd, dim, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
-                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0) -> jax.Array:
+                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, return_probs: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """x (B, T, D) -> (B, T, D); return_probs: also the attention probabilities (B, H, T, S), acc dtype."""
         B, T, _ = x.shape
         hd = self.head_dim
         qk = jnp.concatenate([self.wq(x).reshape(B, T, self.n_heads, hd),
@@ -117,7 +140,10 @@ class GQAttention(nnx.Module):
             k, v = cache.write(layer, start_pos, k=k, v=v)  # all S positions of the cache
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out = causal_attention(q, k, v, hd**-0.5, q_start)
+        out = causal_attention(q, k, v, hd**-0.5, q_start, return_probs=return_probs)
+        if return_probs:
+            out, p = out
+            return self.wo(out.reshape(B, T, self.n_heads * hd)), p
         return self.wo(out.reshape(B, T, self.n_heads * hd))
 
 
@@ -146,7 +172,9 @@ class MLAttention(nnx.Module):
         self.wo = nnx.Linear(H * v_head_dim, dim, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
-                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0) -> jax.Array:
+                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, return_probs: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """x (B, T, D) -> (B, T, D); return_probs: also the attention probabilities (B, H, T, S), acc dtype."""
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -161,5 +189,9 @@ class MLAttention(nnx.Module):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)  # (B, T, H, nope + rope)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_r, (B, S, H, rope))], axis=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
-        out = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start)  # (B, T, H, vd); scale as open-mythos
+        # (B, T, H, vd); scale as open-mythos
+        out = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, return_probs=return_probs)
+        if return_probs:
+            out, p = out
+            return self.wo(out.reshape(B, T, H * vd)), p
         return self.wo(out.reshape(B, T, H * vd))

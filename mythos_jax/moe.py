@@ -64,11 +64,15 @@ class Experts(nnx.Module):
         each multiplied by its own expert's weights in a loop (`expert_tiles`): an expert's rows
         fill whole big tiles first, then small ones, the last partly; only the tiles in use run.
         (lax.ragged_dot lowers on the CPU to a masked matmul over all E experts; batched matmuls over
-        per-tile gathered weights copy the weight stack once per tile.)
+        per-tile gathered weights copy the weight stack once per tile.) At most SMALL_ROWS rows
+        (decoding at batch 1) skip the sorting and tiling, which cost more than the products
+        (`_gathered`).
         """
         N, k = expert.shape
         D = x.shape[-1]
         E = self.gate.shape[0]
+        if N * k <= SMALL_ROWS:  # static: one compiled program per shape
+            return _gathered(x, expert, self.gate[...], self.up[...], self.down[...])
         sizes = _tile_sizes(N * k, E)
         flat = expert.reshape(-1)  # (M,), row m = (token m // k, slot m % k)
         order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # (M,) rows sorted by expert
@@ -80,6 +84,21 @@ class Experts(nnx.Module):
         ys = expert_tiles(xs, self.gate[...], self.up[...], self.down[...], tiles, sizes)  # (M + b, D)
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
         return ys[inverse].reshape(N, k, D)  # back to (token, slot) order
+
+
+# (token, slot) rows up to which Experts skips the tiles: a decoding token at batch 1 (k = 2) spent
+# about half of the decode step in the argsort/bincount/tile loop; 3.2x -> 4.2x open-mythos' decode
+SMALL_ROWS = 4
+
+
+def _gathered(x: jax.Array, expert: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D): each row's expert
+    weights gathered, batched (1, D) products (differentiable as it stands)."""
+    N, k = expert.shape
+    flat = expert.reshape(-1)  # (M,), row m = (token m // k, slot m % k)
+    xs = jnp.repeat(x, k, axis=0)  # (M, D)
+    hs = jax.nn.silu(jnp.einsum("md,mdh->mh", xs, gate[flat])) * jnp.einsum("md,mdh->mh", xs, up[flat])  # (M, hidden)
+    return jnp.einsum("mh,mhd->md", hs, down[flat]).reshape(N, k, -1)
 
 
 def _tile_sizes(M: int, E: int) -> tuple[int, ...]:

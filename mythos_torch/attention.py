@@ -4,17 +4,44 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import RMSNorm, acc_dtype, apply_rope
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     q_start: int | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int | None = None,
+                     *, return_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (B,T,H,K_v).
 
     Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
-    q_start + i (None: the queries are the last T keys).
+    q_start + i (None: the queries are the last T keys). return_probs: also the probabilities
+    (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`).
     """
+    T, S = q.shape[1], k.shape[1]
+    start = S - T if q_start is None else q_start
+    if return_probs:
+        p = attention_probs(q, k, scale, start)  # (B, H, T, S)
+        return _weighted_values(p.to(v.dtype), v), p
+    # one fused kernel (softmax in float32 for bfloat16, float64 stays float64); enable_gqa: query
+    # head j reads kv head j // (H / H_kv), no repeated keys
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, K), (B, H_kv, S, K)
+    if start == 0 and T == S:  # no cache: the plain causal mask
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    elif T == 1 and start == S - 1:  # one query at the last key sees every key: nothing to mask
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_causal_mask(T, S, start, q.device), scale=scale,
+                                             enable_gqa=True)
+    return out.transpose(1, 2)  # (B, T, H, K_v)
+
+
+def _causal_mask(T: int, S: int, start: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where query start + i sees key j (j <= start + i)."""
+    return torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """softmax(q k^T * scale) under the causal mask, (B, H, T, S) in the acc dtype (the explicit computation)."""
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -23,14 +50,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # (B, H_kv, G*T, S)
     # softmax in float32 for bfloat16 (both twins)
     scores = scores.to(acc_dtype(scores.dtype)).view(B, Hkv, G, T, S)
-    start = S - T if q_start is None else q_start
     if T > 1 or start != S - 1:  # one query at the last key sees every key: nothing to mask
-        # causal mask by absolute position: query start + i sees keys 0..start + i
-        mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
-        scores = scores.masked_fill(~mask, float("-inf"))  # (T, S) broadcast
-    p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, G * T, S)
-    out = p @ v.transpose(1, 2)  # (B, H_kv, G*T, K_v)
-    return out.view(B, Hkv, G, T, -1).permute(0, 3, 1, 2, 4).reshape(B, T, H, -1)  # (B, T, H, K_v)
+        scores = scores.masked_fill(~_causal_mask(T, S, start, q.device), float("-inf"))  # (T, S) broadcast
+    return torch.softmax(scores, dim=-1).view(B, H, T, S)  # head n*G + g = query head j
+
+
+def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, H, T, S) @ v (B, S, H_kv, K_v) with query head j reading kv head j // (H / H_kv) -> (B, T, H, K_v)."""
+    B, H, T, S = p.shape
+    Hkv = v.shape[2]
+    out = p.reshape(B, Hkv, (H // Hkv) * T, S) @ v.transpose(1, 2)  # (B, H_kv, G*T, K_v)
+    return out.view(B, H, T, -1).transpose(1, 2)  # (B, T, H, K_v)
 
 
 class KVCache:
@@ -65,10 +95,10 @@ class KVCache:
         """Store rows (B, T, ...) at positions start_pos.. of `layer`; return its rows at 0..start_pos+T-1."""
         out = []
         for name, r in rows.items():
-            buf = self.arrays[name]
+            buf = self.arrays[name][layer]  # (B, S, ...), a view
             end = start_pos + r.shape[1]
-            buf[layer, :, start_pos:end] = r  # in place; a (B, T, 1, rope) key broadcasts to a per-head layout
-            out.append(buf[layer, :, :end])
+            buf[:, start_pos:end] = r  # in place; a (B, T, 1, rope) key broadcasts to a per-head layout
+            out.append(buf[:, :end])
         return tuple(out)
 
 
@@ -87,7 +117,9 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(n_heads * hd, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+                layer: int = 0, start_pos: int = 0, return_probs: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (B, T, D); return_probs: also the attention probabilities (B, H, T, S), acc dtype."""
         B, T, _ = x.shape
         hd = self.head_dim
         qk = torch.cat([self.wq(x).view(B, T, self.n_heads, hd), self.wk(x).view(B, T, self.n_kv_heads, hd)], dim=2)
@@ -97,7 +129,10 @@ class GQAttention(nn.Module):
             k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out = causal_attention(q, k, v, hd**-0.5, q_start)
+        out = causal_attention(q, k, v, hd**-0.5, q_start, return_probs=return_probs)
+        if return_probs:
+            out, p = out
+            return self.wo(out.reshape(B, T, self.n_heads * hd)), p
         return self.wo(out.reshape(B, T, self.n_heads * hd))
 
 
@@ -123,7 +158,9 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(H * v_head_dim, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+                layer: int = 0, start_pos: int = 0, return_probs: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (B, T, D); return_probs: also the attention probabilities (B, H, T, S), acc dtype."""
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -138,5 +175,9 @@ class MLAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, nope + rope)
         k = torch.cat([k_nope, k_r.expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
-        out = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start)  # (B, T, H, vd); scale as open-mythos
+        # (B, T, H, vd); scale as open-mythos
+        out = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, return_probs=return_probs)
+        if return_probs:
+            out, p = out
+            return self.wo(out.reshape(B, T, H * vd)), p
         return self.wo(out.reshape(B, T, H * vd))

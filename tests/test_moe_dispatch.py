@@ -2,9 +2,10 @@
 
 The dispatch paths are: torch `F.grouped_mm` over expert-sorted rows (float32, bfloat16), torch's
 padded batched matmuls (float64 and rows grouped_mm refuses), and JAX's loops over big and small
-tiles of sorted rows with its own VJP (every dtype). Routing patterns cover what the benchmarks see
-at random init (a few experts take most rows, many take none), tiles that are exactly full, one
-expert taking big tiles and small ones, and a single token.
+tiles of sorted rows with its own VJP (every dtype); and, for at most SMALL_ROWS (token, slot) rows
+(decoding at batch 1), torch row by row and both twins through gathered weights. Routing patterns
+cover what the benchmarks see at random init (a few experts take most rows, many take none), tiles
+that are exactly full, one expert taking big tiles and small ones, and a single token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from flax import nnx
 
 import mythos_jax as mj
 import mythos_torch as mt
+import spec as S
+from strategies import SHAPES
 
 D, HIDDEN = 8, 16  # rows of 16-byte multiples in float32 and bfloat16: torch takes its grouped_mm path
 
@@ -158,3 +161,73 @@ def test_torch_grouped_mm_gradients_equal_the_float64_padded_path():
         grads[dtype] = [xt.grad] + [getattr(ex, n).grad for n in ("gate", "up", "down")]
     for name, g32, g64 in zip(("x", "gate", "up", "down"), grads[torch.float32], grads[torch.float64]):
         assert report(f"d{name} float32 vs float64", g32, g64.numpy()) < 1e-5, name
+
+
+# --------------------------------------------------------------------------- small batches (decoding)
+
+
+@pytest.mark.parametrize("N, k", [(1, 1), (1, 2), (2, 2), (1, 4)])
+def test_small_batch_paths_equal_a_row_by_row_loop(N, k):
+    """At most SMALL_ROWS rows: torch row by row (CPU), through gathered weights (GPU, compile) and all
+    experts densely (compile), jax through gathered weights; each against the NumPy loop, and torch's
+    gradients against the padded path."""
+    assert N * k <= mt.moe.SMALL_ROWS and N * k <= mj.moe.SMALL_ROWS
+    rng = np.random.default_rng(20 + N * k)
+    E = 6
+    w, x = weights(E, rng), rng.normal(size=(N, D))
+    expert = rng.integers(0, E, (N, k)).astype(np.int32)
+    expert[0, -1] = expert[0, 0]  # one expert twice in a row
+    ref = naive(x, expert, w)
+    T = torch.from_numpy
+    ex = torch_experts(w, torch.float64)
+    args = (ex.gate, ex.up, ex.down)
+    assert report("torch Experts", ex(T(x), T(expert)), ref) < 1e-12
+    assert report("torch _gathered", mt.moe._gathered(T(x), T(expert), *args), ref) < 1e-12
+    assert report("torch _dense", mt.moe._dense(T(x), T(expert), *args), ref) < 1e-12
+    assert report("jax Experts", _jcall(jax_experts(w, jnp.float64), jnp.asarray(x), jnp.asarray(expert)), ref) < 1e-12
+    x32 = x.astype(np.float32)
+    assert report("torch float32", torch_experts(w, torch.float32)(T(x32), T(expert)), ref) < 1e-5
+    assert report("jax float32", _jcall(jax_experts(w, jnp.float32), jnp.asarray(x32), jnp.asarray(expert)), ref) < 1e-5
+    ct = T(rng.normal(size=(N, k, D)))
+    grads = []
+    for fn in (mt.moe._row_by_row, mt.moe._gathered, mt.moe._dense, lambda x, e, *a: mt.moe._padded(
+            x.repeat_interleave(k, dim=0), e.reshape(-1).long(), *a).view(N, k, -1)):
+        ex = torch_experts(w, torch.float64)
+        xt = T(x).requires_grad_()
+        fn(xt, T(expert), ex.gate, ex.up, ex.down).backward(ct)
+        grads.append([xt.grad] + [getattr(ex, n).grad for n in ("gate", "up", "down")])
+    for g in grads[:3]:
+        for name, a, b in zip(("x", "gate", "up", "down"), g, grads[2]):
+            assert report(f"d{name}", a, b.numpy()) < 1e-12, name
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_moe_routes_a_lone_token_as_within_a_batch(tie):
+    """A decoding token (small path) gets the same experts, margin and output as the same token inside a
+    batch (grouped path), in both twins; with all router logits tied the experts are 0..k-1."""
+    s = SHAPES["gqa-moe"]
+    arrays = S.init_arrays(s, 0)
+    tm, jm = mt.build(s, 0, "float64", weights=arrays), mj.build(s, 0, "float64", weights=arrays)
+    t_moe, j_moe = tm.recurrent.block.ffn, jm.recurrent.block.ffn
+    if tie:
+        with torch.no_grad():
+            t_moe.router.weight.zero_()
+        j_moe.router.kernel[...] = jnp.zeros_like(j_moe.router.kernel[...])
+    x = np.random.default_rng(6).normal(size=(1, 9, s.dim))
+    with torch.no_grad():
+        t_all, t_lone = t_moe(torch.from_numpy(x)), t_moe(torch.from_numpy(x[:, 4:5]))
+    j_all, j_lone = _jmoe(j_moe, jnp.asarray(x)), _jmoe(j_moe, jnp.asarray(x[:, 4:5]))
+    k = s.moe.top_k
+    for name, (out, idx, margin), (out1, idx1, margin1) in (("torch", t_all, t_lone), ("jax", j_all, j_lone)):
+        np.testing.assert_array_equal(np.asarray(idx1), np.asarray(idx)[:, 4:5], err_msg=name)
+        # the router's (1, D) product may round differently from the (9, D) one: an ulp, not a routing change
+        np.testing.assert_allclose(np.asarray(margin1), np.asarray(margin)[:, 4:5], rtol=1e-13, err_msg=name)
+        assert report(f"{name} lone vs batch", np.asarray(out1), np.asarray(out)[:, 4:5]) < 1e-12
+        if tie:
+            assert (np.asarray(idx) == np.arange(k)).all(), name
+    assert report("lone token, torch vs jax", t_lone[0], np.asarray(j_lone[0])) < 1e-12
+
+
+@nnx.jit
+def _jmoe(moe: mj.MoE, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return moe(x)
