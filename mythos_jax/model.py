@@ -35,10 +35,18 @@ class Block(nnx.Module):
         self.ffn = ffn
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, force_idx: jax.Array | None = None,
-                 *, cache: KVCache | None = None, layer: int | jax.Array = 0, start_pos: int | jax.Array = 0
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos)
+                 *, cache: KVCache | None = None, layer: int | jax.Array = 0, start_pos: int | jax.Array = 0,
+                 return_probs: bool = False) -> tuple[jax.Array, ...]:
+        """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense.
+
+        return_probs: also return the attention probabilities (B, H, T, S) in acc dtype, as a fourth item.
+        """
+        if return_probs:
+            a, probs = self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos,
+                                 return_probs=True)
+        else:
+            a = self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos)
+        x = x + a
         f = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             f, idx, margin = self.ffn(f, force_idx)
@@ -47,6 +55,8 @@ class Block(nnx.Module):
             f = self.ffn(f)
             idx = jnp.zeros((B, T, 0), dtype=jnp.int32)
             margin = jnp.full((B, T), jnp.inf, dtype=acc_dtype(x.dtype))
+        if return_probs:
+            return x + f, idx, margin, probs
         return x + f, idx, margin
 
 
@@ -70,6 +80,8 @@ class Traces(NamedTuple):
     running: jax.Array  # (N, B, T) bool, running before the step (takes weight at it) [False]
     expert_idx: jax.Array  # (N, B, T, k) int32, slot order = descending biased logit [-1]
     router_margin: jax.Array  # (N, B, T) acc dtype, k-th minus (k+1)-th biased logit [+inf]
+    value: jax.Array | None = None  # (N, B, T) model dtype, value head of RMSNorm_f(h_t) [0]; None: no value head
+    attn_probs: jax.Array | None = None  # (N, B, H, T, S) acc dtype, looped block's attention [0]; on request
 
 
 class ModelOutput(NamedTuple):
@@ -79,10 +91,13 @@ class ModelOutput(NamedTuple):
     n_steps: jax.Array  # () int32, loop steps executed
     traces: Traces
     cache: KVCache | None = None  # the updated cache (a new pytree; forward() consumes the one passed in), or None
+    values: jax.Array | None = None  # (B, T) model dtype, value head RMSNorm_f(y) w_v + b_v; None when off
 
 
-# The loop carry: (h, y, c, running, halted, loop counts, KV cache or None).
-Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, KVCache | None]
+# The loop carry: (h, y, c, running, halted, loop counts, KV cache or None, cross-loop memory (keys, values)
+# or None, the compressor's summaries of the previous step or None).
+Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, KVCache | None,
+              tuple[jax.Array, jax.Array] | None, jax.Array | None]
 
 
 class Mythos(nnx.Module):
@@ -99,6 +114,8 @@ class Mythos(nnx.Module):
         self.norm = RMSNorm(d, spec.norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if spec.tie_embeddings else nnx.Linear(d, spec.vocab_size, use_bias=False, dtype=dtype,
                                                                 param_dtype=dtype, rngs=rngs)
+        self.value_head = nnx.Linear(d, 1, dtype=dtype, param_dtype=dtype, rngs=rngs) if spec.value_head.enabled \
+            else None
         # RoPE tables from spec.rope_table, in the rotation dtype: float64 only for a float64 model
         # under mythos semantics (openmythos-0.5 rotates in float32, as open-mythos' x.float());
         # kept as NumPy, so they are compile-time constants rather than state
@@ -107,7 +124,8 @@ class Mythos(nnx.Module):
 
     def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
                  force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
-                 cache: KVCache | None = None, start_pos: int | jax.Array = 0) -> ModelOutput:
+                 cache: KVCache | None = None, start_pos: int | jax.Array = 0, return_attention: bool = False,
+                 no_grad_steps: int = 0) -> ModelOutput:
         """Logits, loop counts and traces for token ids (uncompiled; `forward` is the compiled call).
 
         Args:
@@ -119,19 +137,25 @@ class Mythos(nnx.Module):
             cache: a KVCache from init_cache(B, ..., N): ids sit at absolute positions start_pos..start_pos+T-1
                 and see the cached positions before them; every loop step runs (early_exit is ignored).
             start_pos: absolute position of ids[:, 0] (only with a cache); may be traced.
+            return_attention: also return the looped block's attention probabilities per step (traces.attn_probs).
+            no_grad_steps: the first no_grad_steps loop steps (0..N) run without gradient (truncated backprop);
+                an int (static: 0 compiles no extra code) or, inside jit, a traced integer.
         Returns:
             ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces,
-            cache: the updated cache).
+            cache: the updated cache, values (B, T) or None).
         """
         ids = self._check_ids(jnp.asarray(ids))
         N = self._check_loops(n_loops)
         B, T = ids.shape
         force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
         start_pos = self._check_cache(cache, start_pos, N, B, T)
-        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos)
+        no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
+        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos,
+                             bool(return_attention), no_grad_steps)
 
     def _forward(self, ids: jax.Array, N: int, early_exit: bool, force_halt: jax.Array | None,
-                 force_experts: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array) -> ModelOutput:
+                 force_experts: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array,
+                 return_attention: bool = False, no_grad_steps: int = 0) -> ModelOutput:
         """__call__ after its checks."""
         T = ids.shape[1]
         # absolute positions start_pos..start_pos+T-1 (with a cache start_pos may be traced: a dynamic slice)
@@ -148,7 +172,7 @@ class Mythos(nnx.Module):
         for i, block in enumerate(self.prelude):
             x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos)
         y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
-                                                              cache, start_pos)
+                                                              cache, start_pos, return_attention, no_grad_steps)
         for j, block in enumerate(self.coda):
             y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos)
         y = self.norm(y)
@@ -156,11 +180,12 @@ class Mythos(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", y, self.embed.embedding[...])  # (B, T, V), tied head E^T
         else:
             logits = self.head(y)
-        return ModelOutput(logits, counts, halted, n_steps, traces, cache)
+        values = None if self.value_head is None else self.value_head(y)[..., 0]  # (B, T)
+        return ModelOutput(logits, counts, halted, n_steps, traces, cache, values)
 
     def loop(self, e: jax.Array, cos: jax.Array, sin: jax.Array, N: int, early_exit: bool,
              force_halt: jax.Array | None, force_experts: jax.Array | None, cache: KVCache | None = None,
-             start_pos: int | jax.Array = 0
+             start_pos: int | jax.Array = 0, return_attention: bool = False, no_grad_steps: int = 0
              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces, KVCache | None]:
         """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache."""
         s = self.spec
@@ -170,30 +195,66 @@ class Mythos(nnx.Module):
         table = loop_table(s, N, e.dtype.name)
         rows = jnp.asarray(np.pad(table, ((0, 0), (0, s.dim - table.shape[-1]))).astype(e.dtype))  # (N, D): zero past L
         graves = s.halting.remainder == "graves"
+        straight = s.halting.straight_through
+        rec = self.recurrent
         P = len(self.prelude)
 
         def step(carry: Carry, t: jax.Array) -> tuple[Carry, Traces]:
-            h, y, c, running, halted, counts, kv = carry
+            h, y, c, running, halted, counts, kv, mem, summaries = carry
             fx = None if force_experts is None else force_experts[t]
             # the cache rides in the carry: step t writes its layer P + t in place
-            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx, cache=kv, layer=P + t,
-                                               start_pos=start_pos)
+            memory = None if mem is None else (*mem, t + 1)  # entries 0..t: e, h_1, ..., h_t
+            out = rec(h, e, t, rows[t], cos, sin, fx, cache=kv, layer=P + t, start_pos=start_pos, memory=memory,
+                      summaries=summaries, return_probs=return_attention)
+            h, p, idx, margin = out.h, out.p, out.idx, out.margin
+            if mem is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
+                mem = tuple(jax.lax.dynamic_update_index_in_dim(m, x, t + 1, 0) for m, x in zip(mem, out.entry))
+            if summaries is not None:
+                summaries = out.summaries
             forced = None if force_halt is None else force_halt == t + 1
             w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves & (t == N - 1), forced)
+            if straight:
+                # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
+                # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
+                hard = halts | (still & (t == N - 1))
+                w = w + jax.lax.stop_gradient(hard.astype(w.dtype) - w)
             y = y + w.astype(h.dtype)[..., None] * h
             counts = jnp.where(halts, t + 1, counts)
             halted = halted | halts
             norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(act)), axis=-1)).astype(h.dtype)
-            return (h, y, c_new, still, halted, counts, kv), Traces(norm, p, c_new, running, idx, margin)
+            value = None if self.value_head is None else self.value_head(self.norm(h))[..., 0]
+            row = Traces(norm, p, c_new, running, idx, margin, value, out.probs)
+            new = (h, y, c_new, still, halted, counts, mem, summaries)
+            if not isinstance(no_grad_steps, int) or no_grad_steps > 0:
+                # truncated backprop: what the first no_grad_steps steps produce carries no gradient
+                def freeze(x: jax.Array) -> jax.Array:
+                    if not jnp.issubdtype(x.dtype, jnp.floating):
+                        return x
+                    return jnp.where(t < no_grad_steps, jax.lax.stop_gradient(x), x)
+                new, row = jax.tree.map(freeze, (new, row))
+            h, y, c_new, still, halted, counts, mem, summaries = new
+            return (h, y, c_new, still, halted, counts, kv, mem, summaries), row
 
+        if s.recurrent.checkpoint and cache is None:
+            step = jax.checkpoint(step)  # recompute each loop step in the backward pass (ARCHITECTURE.md 5f)
+        mem = None
+        if rec.cross_loop is not None:  # cross-loop depth memory, entry 0 = e
+            mem = tuple(jnp.zeros((N + 1, *x.shape), x.dtype).at[0].set(x) for x in rec.cross_loop.entry(e))
+        summaries = None
+        if rec.compressor is not None and cache is None:  # step t-1's summaries (masked at step 0)
+            cp = s.recurrent.compressor
+            summaries = jnp.zeros((B, T // cp.chunk, cp.n_summaries, s.dim), e.dtype)
         carry = (e, jnp.zeros_like(e), jnp.zeros((B, T), dtype=act), jnp.ones((B, T), dtype=jnp.bool_),
-                 jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T), N, dtype=jnp.int32), cache)
+                 jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T), N, dtype=jnp.int32), cache, mem, summaries)
         k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
+        S = T if cache is None else cache.capacity
         fills = Traces(jnp.zeros((B, T), dtype=e.dtype), jnp.zeros((B, T), dtype=act), jnp.zeros((B, T), dtype=act),
                        jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T, k), -1, dtype=jnp.int32),
-                       jnp.full((B, T), jnp.inf, dtype=act))
+                       jnp.full((B, T), jnp.inf, dtype=act),
+                       None if self.value_head is None else jnp.zeros((B, T), dtype=e.dtype),
+                       jnp.zeros((B, s.attention.n_heads, T, S), dtype=act) if return_attention else None)
         # with a cache every step runs (a scan), so later tokens find cache entries at every depth
-        (_, y, _, _, halted, counts, cache), traces, n_steps = _run_steps(step, carry, fills, N, early_exit)
+        (_, y, _, _, halted, counts, cache, _, _), traces, n_steps = _run_steps(step, carry, fills, N, early_exit)
         return y, counts, halted, n_steps, traces, cache
 
     def init_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
@@ -220,6 +281,11 @@ class Mythos(nnx.Module):
             # one rotated rope key per token; open-mythos caches it once per head
             heads = a.n_heads if s.semantics == "openmythos-0.5" else 1
             shapes = {"c_kv": (L, B, S, a.kv_lora_rank), "k_r": (L, B, S, heads, a.qk_rope_head_dim)}
+        cp = s.recurrent.compressor
+        if cp.enabled:
+            # per loop step: the summaries of every chunk, and the rows of the chunk still open
+            shapes["summaries"] = (N, B, -(-S // cp.chunk), cp.n_summaries, s.dim)
+            shapes["chunk_states"] = (N, B, cp.chunk, s.dim)
         dtype = self.embed.embedding.dtype
         return KVCache({n: jnp.zeros(shape, dtype=dtype) for n, shape in shapes.items()}, N)
 
@@ -346,6 +412,15 @@ class Mythos(nnx.Module):
         return force_halt.astype(jnp.int32), force_experts
 
 
+def _check_no_grad_steps(k: int | jax.Array, N: int) -> int | jax.Array:
+    """no_grad_steps as an int in 0..N, or a clear ValueError; a traced integer (inside jit) passes as is."""
+    if isinstance(k, jax.core.Tracer) and jnp.issubdtype(k.dtype, jnp.integer) and k.ndim == 0:
+        return k
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= N:
+        raise ValueError(f"no_grad_steps={k!r} must be an integer in 0..n_loops={N}")
+    return int(k)
+
+
 def _run_steps(step: Callable[[Carry, jax.Array], tuple[Carry, Traces]], carry: Carry, fills: Traces, N: int,
                early_exit: bool) -> tuple[Carry, Traces, jax.Array]:
     """Run step(carry, t) for t = 0, 1, ... -> final carry, traces stacked to (N, ...), steps executed."""
@@ -436,17 +511,19 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
     return model
 
 
-@functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit"))
+@functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit", "return_attention", "no_grad_steps"))
 def _forward(model: Mythos, ids: jax.Array, n_loops: int, early_exit: bool, force_halt: jax.Array | None,
-             force_experts: jax.Array | None) -> ModelOutput:
-    """model(ids, ...) without a cache, compiled once per shapes, n_loops and early_exit."""
+             force_experts: jax.Array | None, return_attention: bool = False, no_grad_steps: int = 0) -> ModelOutput:
+    """model(ids, ...) without a cache, compiled once per shapes, n_loops, early_exit and the two options."""
     TRACE_COUNTS["forward"] += 1
-    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts)
+    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
+                 return_attention=return_attention, no_grad_steps=no_grad_steps)
 
 
 def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
-            cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+            cache: KVCache | None = None, start_pos: int = 0, return_attention: bool = False,
+            no_grad_steps: int = 0) -> ModelOutput:
     """model(ids, ...), compiled with nnx.jit (n_loops and early_exit static); the same call as the torch twin.
 
     Args:
@@ -460,18 +537,23 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
             cache passed in is consumed (its buffers are donated and updated in place): use out.cache.
         start_pos: absolute position of ids[:, 0] (only with a cache); traced, so one compiled program
             serves every position.
+        return_attention: also return the looped block's attention probabilities per step (traces.attn_probs).
+        no_grad_steps: the first no_grad_steps loop steps (0..N, static) run without gradient.
     Returns:
         ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces,
-        cache).
+        cache, values (B, T) or None).
     """
     # checked here on concrete values (inside jit only shapes are known), then compiled
     ids = model._check_ids(jnp.asarray(ids))
     N = model._check_loops(n_loops)
     force_halt, force_experts = model._check_force(force_halt, force_experts, N, *ids.shape)
     start_pos = model._check_cache(cache, start_pos, N, *ids.shape)
+    no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
     if cache is None:
-        return _forward(model, ids, N, early_exit, force_halt, force_experts)
-    return _cached_forward(*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts)
+        return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(return_attention), no_grad_steps)
+    args = (*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts)
+    # return_attention only when asked: generate omits it, and both calls must hit one compiled program
+    return _cached_forward(*args, True) if return_attention else _cached_forward(*args)
 
 
 # How often each compiled function was traced (a trace precedes every compilation): decoding must
@@ -494,9 +576,10 @@ class _Static:
         return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 5, 8), donate_argnums=(2,))
 def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, ids: jax.Array, start_pos: jax.Array,
-                    n_loops: int, force_halt: jax.Array | None, force_experts: jax.Array | None) -> ModelOutput:
+                    n_loops: int, force_halt: jax.Array | None, force_experts: jax.Array | None,
+                    return_attention: bool = False) -> ModelOutput:
     """The forward with a cache, compiled once per shapes and n_loops: start_pos is traced, so one
     program serves every position (generate's hot path, and forward(..., cache=...)).
 
@@ -506,7 +589,7 @@ def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, id
     TRACE_COUNTS["cached_forward"] += 1
     graphdef, treedef = static.value
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos)
+    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos, return_attention)
 
 
 def _split(model: Mythos) -> tuple[_Static, list[jax.Array]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ from flax import nnx
 
 from spec import Spec
 
+from .components import ContextCompressor, CrossLoopAttention, MemoryGate
 from .layers import RMSNorm, acc_dtype
 
 if TYPE_CHECKING:
@@ -92,29 +93,78 @@ def act_step(p: jax.Array, c: jax.Array, running: jax.Array, threshold: float, l
     return w, c, running & ~halts, halts
 
 
+class StepOut(NamedTuple):
+    """What one loop step returns (RecurrentBlock)."""
+    h: jax.Array  # (B, T, D) the new state
+    p: jax.Array  # (B, T) acc dtype, halting probability of the new state
+    idx: jax.Array  # (B, T, k) int32 routed experts
+    margin: jax.Array  # (B, T) acc dtype router margin
+    entry: tuple[jax.Array, jax.Array] | None  # cross-loop memory key/value of the new state, (B, T, H, K)
+    summaries: jax.Array | None  # compressor summaries of this step's complete chunks (B, J, m, D), no cache
+    probs: jax.Array | None  # (B, H, T, S) self-attention probabilities when asked for
+
+
 class RecurrentBlock(nnx.Module):
-    """One loop step (ARCHITECTURE.md section 3): embed t, block, LoRA, LTI injection, halting p."""
+    """One loop step (ARCHITECTURE.md section 3): embed t, [cross-loop attention, compressor read], block,
+    LoRA, LTI injection [memory gate], halting p [compressor write]."""
 
     def __init__(self, spec: Spec, block: Block, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        r, d = spec.recurrent, spec.dim
-        self.norm = RMSNorm(d, spec.norm_eps, dtype=dtype, rngs=rngs)
+        r, d, eps = spec.recurrent, spec.dim, spec.norm_eps
+        self.norm = RMSNorm(d, eps, dtype=dtype, rngs=rngs)
         self.block = block
         self.lora = LoRA(d, r.lora_rank, r.max_loop_iters, dtype=dtype, rngs=rngs) if r.lora_rank > 0 else None
         self.injection = LTIInjection(d, dtype=dtype, rngs=rngs)
         self.act = ACT(d, spec.halting.head, spec.halting.mlp_hidden, dtype=dtype, rngs=rngs)
+        cl, cp = r.cross_loop_attention, r.compressor
+        self.cross_loop = CrossLoopAttention(d, cl.n_heads, eps, dtype=dtype, rngs=rngs) if cl.enabled else None
+        self.compressor = ContextCompressor(d, cp.chunk, cp.n_summaries, cp.n_heads, eps, dtype=dtype, rngs=rngs) \
+            if cp.enabled else None
+        self.memory_gate = MemoryGate(d, eps, dtype=dtype, rngs=rngs) if r.memory_gate.enabled else None
 
     def __call__(self, h: jax.Array, e: jax.Array, t: jax.Array, row: jax.Array, cos: jax.Array,
                  sin: jax.Array, force_idx: jax.Array | None = None, *, cache: KVCache | None = None,
-                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0
-                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Step t: h (B, T, D) -> new h, halting p (B, T), expert idx (B, T, k), router margin (B, T).
+                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0,
+                 memory: tuple[jax.Array, ...] | None = None, summaries: jax.Array | None = None,
+                 return_probs: bool = False) -> StepOut:
+        """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), expert idx (B, T, k), router margin (B, T), ...).
 
-        With a cache, the block's attention writes and reads cache layer `layer` (P + t).
+        memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries:
+        the compressor's summaries of step t-1 (B, J, m, D), all masked at step 0. With a cache, the
+        block's attention writes and reads cache layer `layer` (P + t), and the compressor reads and
+        writes its cache rows.
         """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
-        n = self.norm(add_loop_embedding(h, row) + e)  # (h + emb) + e, open-mythos' association
-        o, idx, margin = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos)
+        x = add_loop_embedding(h, row)  # h~
+        if self.cross_loop is not None:
+            x = x + self.cross_loop(x, *memory)
+        if self.compressor is not None:
+            T = h.shape[1]
+            if cache is not None:  # step t-1's summaries of every chunk so far (unwritten ones are masked)
+                summaries = jnp.take(cache.arrays["summaries"], jnp.maximum(t - 1, 0), axis=0)
+            # step 0 reads only the null slot (lax.scan: t is traced, so mask rather than skip)
+            n_visible = jnp.where(t > 0, (start_pos + jnp.arange(T)) // self.compressor.chunk, 0)
+            x = x + self.compressor.read(x, summaries, n_visible)
+        n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
+        if return_probs:
+            o, idx, margin, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
+                                               return_probs=True)
+        else:
+            o, idx, margin = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos)
+            probs = None
         if self.lora is not None:
             o = o + self.lora(o, t)
-        h = self.injection(h, e, o)
-        return h, self.act(h), idx, margin
+        if self.memory_gate is None:
+            h_new = self.injection(h, e, o)
+        else:
+            h_new = self.memory_gate(h, e, o, self.injection.decay(), self.injection.B[...])
+        entry = None if self.cross_loop is None else self.cross_loop.entry(h_new)
+        new_summaries = None
+        if self.compressor is not None:
+            c = self.compressor.chunk
+            if cache is None:
+                B, T, D = h_new.shape
+                J = T // c  # complete chunks
+                new_summaries = self.compressor.write(h_new[:, :J * c].reshape(B, J, c, D))
+            else:
+                self.compressor.write_cached(h_new, t, cache, start_pos)
+        return StepOut(h_new, self.act(h_new), idx, margin, entry, new_summaries, probs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Callable, Mapping, NamedTuple
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from spec import Spec, init_arrays, loop_table, manifest, rope_table
 from spec.sampling import check_generate, sample_next
@@ -35,10 +37,18 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, force_idx: torch.Tensor | None = None,
-                *, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos)
+                *, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0, return_probs: bool = False
+                ) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) -> x, expert idx (B, T, k) int32, router margin (B, T); k = 0, +inf when dense.
+
+        return_probs: also return the attention probabilities (B, H, T, S) in acc dtype, as a fourth item.
+        """
+        if return_probs:
+            a, probs = self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos,
+                                 return_probs=True)
+        else:
+            a = self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos)
+        x = x + a
         f = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             f, idx, margin = self.ffn(f, force_idx)
@@ -47,6 +57,8 @@ class Block(nn.Module):
             f = self.ffn(f)
             idx = torch.empty(B, T, 0, dtype=torch.int32, device=x.device)
             margin = torch.full((B, T), float("inf"), dtype=acc_dtype(x.dtype), device=x.device)
+        if return_probs:
+            return x + f, idx, margin, probs
         return x + f, idx, margin
 
 
@@ -70,6 +82,8 @@ class Traces(NamedTuple):
     running: torch.Tensor  # (N, B, T) bool, running before the step (takes weight at it) [False]
     expert_idx: torch.Tensor  # (N, B, T, k) int32, slot order = descending biased logit [-1]
     router_margin: torch.Tensor  # (N, B, T) acc dtype, k-th minus (k+1)-th biased logit [+inf]
+    value: torch.Tensor | None = None  # (N, B, T) model dtype, value head of RMSNorm_f(h_t) [0]; None: no value head
+    attn_probs: torch.Tensor | None = None  # (N, B, H, T, S) acc dtype, looped block's attention [0]; on request
 
 
 class ModelOutput(NamedTuple):
@@ -79,6 +93,7 @@ class ModelOutput(NamedTuple):
     n_steps: int  # loop steps executed
     traces: Traces
     cache: KVCache | None = None  # the cache after this call (the same object, updated in place), or None
+    values: torch.Tensor | None = None  # (B, T) model dtype, value head RMSNorm_f(y) w_v + b_v; None when off
 
 
 class Mythos(nn.Module):
@@ -95,6 +110,7 @@ class Mythos(nn.Module):
         self.coda = nn.ModuleList([make_block(spec, False, dtype=dtype) for _ in range(spec.coda_layers)])
         self.norm = RMSNorm(d, spec.norm_eps, dtype=dtype)
         self.head = None if spec.tie_embeddings else nn.Linear(d, spec.vocab_size, bias=False, dtype=dtype)
+        self.value_head = nn.Linear(d, 1, dtype=dtype) if spec.value_head.enabled else None
         # RoPE tables from spec.rope_table, in the rotation dtype: float64 only for a float64 model
         # under mythos semantics (openmythos-0.5 rotates in float32, as open-mythos' x.float())
         rot = dtype if dtype == torch.float64 and spec.semantics == "mythos" else torch.float32
@@ -105,7 +121,8 @@ class Mythos(nn.Module):
 
     def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
                 force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+                cache: KVCache | None = None, start_pos: int = 0, return_attention: bool = False,
+                no_grad_steps: int = 0) -> ModelOutput:
         """Logits, loop counts and traces for token ids.
 
         Args:
@@ -117,18 +134,24 @@ class Mythos(nn.Module):
             cache: a KVCache from init_cache(B, ..., N): ids sit at absolute positions start_pos..start_pos+T-1
                 and see the cached positions before them; every loop step runs (early_exit is ignored).
             start_pos: absolute position of ids[:, 0] (only with a cache).
+            return_attention: also return the looped block's attention probabilities per step (traces.attn_probs).
+            no_grad_steps: the first no_grad_steps loop steps (0..N) run without gradient (truncated backprop).
         Returns:
-            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces, cache).
+            ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces, cache,
+            values (B, T) or None).
         """
         ids = self._check_ids(ids)
         N = self._check_loops(n_loops)
         B, T = ids.shape
         force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
         start_pos = self._check_cache(cache, start_pos, N, B, T)
-        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos)
+        no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
+        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos,
+                             bool(return_attention), no_grad_steps)
 
     def _forward(self, ids: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
-                 force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int) -> ModelOutput:
+                 force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int,
+                 return_attention: bool = False, no_grad_steps: int = 0) -> ModelOutput:
         """forward after its checks (generate's decode steps call it directly)."""
         T = ids.shape[1]
         # absolute positions start_pos..start_pos+T-1
@@ -138,16 +161,18 @@ class Mythos(nn.Module):
         for i, block in enumerate(self.prelude):
             x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos)
         y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
-                                                              cache, start_pos)
+                                                              cache, start_pos, return_attention, no_grad_steps)
         for j, block in enumerate(self.coda):
             y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos)
         y = self.norm(y)
         logits = F.linear(y, self.embed.weight) if self.head is None else self.head(y)  # (B, T, V)
-        return ModelOutput(logits, counts, halted, n_steps, traces, cache)
+        values = None if self.value_head is None else self.value_head(y).squeeze(-1)  # (B, T)
+        return ModelOutput(logits, counts, halted, n_steps, traces, cache, values)
 
     def loop(self, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, N: int, early_exit: bool,
              force_halt: torch.Tensor | None, force_experts: torch.Tensor | None, cache: KVCache | None = None,
-             start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces, KVCache | None]:
+             start_pos: int = 0, return_attention: bool = False, no_grad_steps: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces, KVCache | None]:
         """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache."""
         s = self.spec
         B, T, _ = e.shape
@@ -155,30 +180,61 @@ class Mythos(nn.Module):
         # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
         rows = self._loop_rows(N, e.dtype)  # (N, D): zero past the first L channels
         graves = s.halting.remainder == "graves"
+        straight = s.halting.straight_through
+        rec = self.recurrent
         P = len(self.prelude)
         h, y = e, torch.zeros_like(e)
         c = torch.zeros(B, T, dtype=act, device=dev)
         running = torch.ones(B, T, dtype=torch.bool, device=dev)
         halted = torch.zeros(B, T, dtype=torch.bool, device=dev)
         counts = torch.full((B, T), N, dtype=torch.int32, device=dev)
+        keys, vals = [], []  # cross-loop depth memory: entries of e, h_1, ..., h_t
+        summaries = None  # compressor summaries of the previous step (without a cache)
         steps: list[tuple[torch.Tensor, ...]] = []
         for t in range(N):
-            fx = None if force_experts is None else force_experts[t]
-            h, p, idx, margin = self.recurrent(h, e, t, rows[t], cos, sin, fx, cache=cache, layer=P + t,
-                                               start_pos=start_pos)
-            forced = None if force_halt is None else force_halt == t + 1
-            w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves and t == N - 1, forced)
-            y = y + w.to(h.dtype)[..., None] * h
-            counts = torch.where(halts, t + 1, counts)
-            halted = halted | halts
-            norm = torch.linalg.vector_norm(h.to(act), dim=-1).to(h.dtype)
-            steps.append((norm, p, c_new, running, idx, margin))
-            c, running = c_new, still
+            # truncated backprop: the first no_grad_steps steps (and all they produce) carry no gradient
+            with torch.no_grad() if t < no_grad_steps else contextlib.nullcontext():
+                if rec.cross_loop is not None and t == 0:
+                    k0, v0 = rec.cross_loop.entry(e)
+                    keys, vals = [k0], [v0]
+                fx = None if force_experts is None else force_experts[t]
+                memory = None if rec.cross_loop is None else (torch.stack(keys), torch.stack(vals))
+                kw = dict(cache=cache, layer=P + t, start_pos=start_pos, memory=memory, summaries=summaries,
+                          return_probs=return_attention)
+                if s.recurrent.checkpoint and cache is None and torch.is_grad_enabled():
+                    # recompute the step in the backward pass (ARCHITECTURE.md 5f); same gradients
+                    out = torch.utils.checkpoint.checkpoint(rec, h, e, t, rows[t], cos, sin, fx, use_reentrant=False,
+                                                            **kw)
+                else:
+                    out = rec(h, e, t, rows[t], cos, sin, fx, **kw)
+                h, p, idx, margin = out.h, out.p, out.idx, out.margin
+                if out.entry is not None:
+                    keys.append(out.entry[0])
+                    vals.append(out.entry[1])
+                summaries = out.summaries
+                forced = None if force_halt is None else force_halt == t + 1
+                w, c_new, still, halts = act_step(p, c, running, s.halting.threshold, graves and t == N - 1, forced)
+                if straight:
+                    # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
+                    # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
+                    hard = halts | (still if t == N - 1 else torch.zeros_like(still))
+                    w = w + (hard.to(w.dtype) - w).detach()
+                y = y + w.to(h.dtype)[..., None] * h
+                counts = torch.where(halts, t + 1, counts)
+                halted = halted | halts
+                norm = torch.linalg.vector_norm(h.to(act), dim=-1).to(h.dtype)
+                value = None if self.value_head is None else self.value_head(self.norm(h)).squeeze(-1)
+                probs = out.probs
+                if probs is not None and cache is not None:  # keys past start_pos + T: zeros, as in the jax twin
+                    probs = F.pad(probs, (0, cache.capacity - probs.shape[-1]))
+                steps.append((norm, p, c_new, running, idx, margin, value, probs))
+                c, running = c_new, still
             # with a cache every step runs, so later tokens find cache entries at every depth
             if early_exit and not bool(running.any()):
                 break
-        fills = (0, 0, 0, False, -1, float("inf"))
-        traces = Traces(*(_stack_steps(list(col), N, fill) for col, fill in zip(zip(*steps), fills)))
+        fills = (0, 0, 0, False, -1, float("inf"), 0, 0)
+        traces = Traces(*(None if col[0] is None else _stack_steps(list(col), N, fill)
+                          for col, fill in zip(zip(*steps), fills)))
         return y, counts, halted, len(steps), traces, cache
 
     def _loop_rows(self, N: int, dtype: torch.dtype) -> torch.Tensor:
@@ -213,6 +269,11 @@ class Mythos(nn.Module):
             # one rotated rope key per token; open-mythos caches it once per head
             heads = a.n_heads if s.semantics == "openmythos-0.5" else 1
             shapes = {"c_kv": (L, B, S, a.kv_lora_rank), "k_r": (L, B, S, heads, a.qk_rope_head_dim)}
+        cp = s.recurrent.compressor
+        if cp.enabled:
+            # per loop step: the summaries of every chunk, and the rows of the chunk still open
+            shapes["summaries"] = (N, B, -(-S // cp.chunk), cp.n_summaries, s.dim)
+            shapes["chunk_states"] = (N, B, cp.chunk, s.dim)
         w = self.embed.weight
         return KVCache({n: torch.zeros(shape, dtype=w.dtype, device=w.device) for n, shape in shapes.items()}, N)
 
@@ -340,6 +401,13 @@ class Mythos(nn.Module):
         return force_halt, force_experts
 
 
+def _check_no_grad_steps(k: int, N: int) -> int:
+    """no_grad_steps as an int in 0..N, or a clear ValueError."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= N:
+        raise ValueError(f"no_grad_steps={k!r} must be an integer in 0..n_loops={N}")
+    return int(k)
+
+
 def _stack_steps(rows: list[torch.Tensor], n: int, fill: float | bool | int) -> torch.Tensor:
     """Stack per-step rows to (n, ...), steps not run filled with `fill`."""
     x = torch.stack(rows)
@@ -401,7 +469,8 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
 
 def forward(model: Mythos, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
-            cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+            cache: KVCache | None = None, start_pos: int = 0, return_attention: bool = False,
+            no_grad_steps: int = 0) -> ModelOutput:
     """model(ids, ...): the same call as the JAX twin's compiled forward."""
     return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
-                 cache=cache, start_pos=start_pos)
+                 cache=cache, start_pos=start_pos, return_attention=return_attention, no_grad_steps=no_grad_steps)

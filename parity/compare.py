@@ -7,7 +7,8 @@
 What is compared (ARCHITECTURE.md section 7):
 - weights: `dump_arrays` of both twins after `build`, exactly (both load the same manifest arrays).
 - logits and every trace field, masked to the loop steps both twins executed; continuous outputs by
-  max abs / max rel error against a per-dtype tolerance.
+  max abs / max rel error against a per-dtype tolerance. With the value head (`value_head.enabled`)
+  also `values` and the per-step `trace.value`, at the logits' tolerance.
 - discrete decisions: loop counts, `halted`, `n_steps`, `running`, the routed expert sets; counted.
 
 A discrete disagreement whose reference margin is below the near-tie tolerance (halting:
@@ -81,7 +82,8 @@ class Outputs(NamedTuple):
     loop_counts: np.ndarray  # (B, T)
     halted: np.ndarray  # (B, T) bool
     n_steps: int
-    traces: dict[str, np.ndarray]  # TRACE_FIELDS, leading dim N
+    traces: dict[str, np.ndarray]  # TRACE_FIELDS (and "value" with a value head), leading dim N
+    values: np.ndarray | None = None  # (B, T) value head, None without one
 
 
 # --------------------------------------------------------------------------- inputs and weights
@@ -187,8 +189,11 @@ def _outputs(out, to_np: Callable) -> Outputs:
         "running": to_np(tr.running).astype(bool), "expert_idx": to_np(tr.expert_idx).astype(np.int64),
         "router_margin": f(tr.router_margin),
     }
+    if tr.value is not None:
+        traces["value"] = f(tr.value)
+    values = None if out.values is None else f(out.values)
     return Outputs(f(out.logits), to_np(out.loop_counts).astype(np.int64), to_np(out.halted).astype(bool),
-                   int(out.n_steps), traces)  # torch: a Python int; jax: an int32 scalar
+                   int(out.n_steps), traces, values)  # n_steps: torch a Python int; jax an int32 scalar
 
 
 def _forward(name: str, model, ids: np.ndarray, n_loops: int,
@@ -362,7 +367,11 @@ def _compare_run(spec: S.Spec, N: int, R: Outputs, O: Outputs, tol: Tolerances, 
 
     all_pos = np.ones((B, T), bool)
     cont("logits", R.logits, O.logits, all_pos, logits_hit, tol.logits, False)
+    if R.values is not None:  # the value head reads the same RMSNorm_f(y) as the logits
+        cont("values", R.values, O.values, all_pos, logits_hit, tol.logits, False)
     Rt, Ot = R.traces, O.traces
+    if "value" in Rt:  # v(h_t): a function of the state, reached by routing differences only
+        cont("trace.value", Rt["value"], Ot["value"], executed, upstream, tol.logits, False)
     cont("trace.state_norm", Rt["state_norm"], Ot["state_norm"], executed, upstream, tol.state_norm, True)
     cont("trace.halt_p", Rt["halt_p"], Ot["halt_p"], executed, upstream, tol.probs, False)
     cont("trace.cum_p", Rt["cum_p"], Ot["cum_p"], executed, cum_hit, tol.probs, False)
@@ -436,6 +445,11 @@ def _compare_replay(spec: S.Spec, N: int, R0: Outputs, R: Outputs, O: Outputs, t
     executed = np.zeros((N, B, T), bool)
     executed[:n] = True
     rows.append(_continuous("logits", "replay", R.logits, O.logits, None, tol.logits, False, failures))
+    if R.values is not None:
+        rows.append(_continuous("values", "replay", R.values, O.values, None, tol.logits, False, failures))
+    if "value" in R.traces:
+        rows.append(_continuous("trace.value", "replay", R.traces["value"], O.traces["value"], executed, tol.logits,
+                                False, failures))
     for name, bound, rel in (("state_norm", tol.state_norm, True), ("halt_p", tol.probs, False), ("cum_p", tol.probs, False),
                              ("router_margin", tol.router_margin, False)):
         if name == "router_margin" and not k:

@@ -45,12 +45,35 @@ def flops_per_token(s: Spec, seq_len: int, n_loops: int | None = None) -> dict[s
         "coda": s.coda_layers * (attn + dense_ffn),
         "head": 2 * d * s.vocab_size,
     }
+    # the hypothesised components (docs/components.md), rows only when enabled
+    if r.cross_loop_attention.enabled:
+        # per step: q and o projections, k and v of the new memory entry (4 d x d); scores and p.v over the
+        # t + 1 entries of step t (mean (n + 1) / 2 over the n steps)
+        out["cross_loop"] = n * 2 * 4 * d * d + 2 * 2 * d * n * (n + 1) / 2
+    if r.compressor.enabled:
+        cp = r.compressor
+        c, m_ = cp.chunk, cp.n_summaries
+        visible = sum(i // c for i in range(seq_len)) / seq_len  # chunks a query reads, mean over positions
+        write = 2 * 2 * d * d + 2 * 2 * m_ * d  # k, v of each position; m queries x c rows, per position
+        read = 2 * 2 * d * d + 2 * 2 * (m_ / c) * d * d + 2 * 2 * d * (1 + m_ * visible)  # q, o; k, v of summaries
+        out["compressor"] = n * (write + read)
+    if r.memory_gate.enabled:
+        out["memory_gate"] = n * 2 * 2 * d * d  # W_f and W_i
+    if s.value_head.enabled:
+        out["value_head"] = (n + 1) * 2 * d  # values, and the per-step value trace
     out["total"] = sum(out.values())
     return out
 
 
-def kv_cache_bytes_per_token(s: Spec, dtype: str = "float32", n_loops: int | None = None) -> dict[str, int]:
-    """Bytes cached per token: per attention layer, and in total for ``n_loops`` recurrent steps."""
+def kv_cache_bytes_per_token(s: Spec, dtype: str = "float32", n_loops: int | None = None,
+                             max_len: int | None = None) -> dict[str, int]:
+    """Bytes cached per token: per attention layer, and in total for ``n_loops`` recurrent steps.
+
+    With the compressor, ``compressor`` is its cache amortised over a capacity of ``max_len`` positions
+    (None: max_seq_len): per loop step ceil(S / c) chunks of m summaries, and the c rows of the chunk
+    still open, (ceil(S / c) m + c) d values, divided by S; ``total`` then is the whole cache's bytes
+    over S, rounded down (``KVCache.bytes_per_token()``).
+    """
     a = s.attention
     n = s.recurrent.max_loop_iters if n_loops is None else n_loops
     if a.type == "gqa":
@@ -61,4 +84,11 @@ def kv_cache_bytes_per_token(s: Spec, dtype: str = "float32", n_loops: int | Non
         per_layer = a.kv_lora_rank + a.qk_rope_head_dim
     layers = s.prelude_layers + s.coda_layers + n
     b = DTYPE_BYTES[dtype]
-    return {"per_layer": per_layer * b, "layers": layers, "total": per_layer * b * layers}
+    out = {"per_layer": per_layer * b, "layers": layers, "total": per_layer * b * layers}
+    cp = s.recurrent.compressor
+    if cp.enabled:
+        S = s.max_seq_len if max_len is None else max_len
+        cmp = n * (-(-S // cp.chunk) * cp.n_summaries + cp.chunk) * s.dim * b  # bytes for S positions
+        out["compressor"] = cmp // S
+        out["total"] = (per_layer * b * layers * S + cmp) // S
+    return out

@@ -18,6 +18,12 @@ Init rules (the whole table; ``std`` is ``spec.init.std``):
 | injection log_A, log_dt                  | zeros (so A = exp(-1))        |
 | injection B                              | 0.1                           |
 | router_bias (buffer)                     | zeros                         |
+| cross-loop / compressor RMSNorm weights  | ones                          |
+| compressor queries, null_k, null_v       | N(0, std)                     |
+| memory gate forget_gate.bias             | recurrent.memory_gate.forget_bias |
+| memory gate input_gate.bias              | recurrent.memory_gate.input_bias  |
+| value_head.weight (1, dim)               | N(0, std)                     |
+| value_head.bias                          | zeros                         |
 """
 
 from __future__ import annotations
@@ -122,12 +128,41 @@ def manifest(s: Spec) -> list[Param]:
         linear("recurrent.act.halt.fc2", h.mlp_hidden, 1, "recurrent")
         bound = 1.0 / math.sqrt(h.mlp_hidden)
         add("recurrent.act.halt.fc2.bias", (1,), ("uniform", -bound, bound), "param", "recurrent")
+    # the hypothesised components (docs/components.md), registered after `act` in RecurrentBlock
+    d = s.dim
+    if r.cross_loop_attention.enabled:
+        g = "recurrent.cross_loop"
+        norm("recurrent.cross_loop.q_norm", d, g)
+        norm("recurrent.cross_loop.kv_norm", d, g)
+        for name in ("wq", "wk", "wv", "wo"):
+            linear(f"recurrent.cross_loop.{name}", d, d, g)
+    if r.compressor.enabled:
+        g = "recurrent.compressor"
+        add("recurrent.compressor.queries", (r.compressor.n_summaries, d), std, "param", g)
+        add("recurrent.compressor.null_k", (d,), std, "param", g)
+        add("recurrent.compressor.null_v", (d,), std, "param", g)
+        norm("recurrent.compressor.write_norm", d, g)
+        linear("recurrent.compressor.write_k", d, d, g)
+        linear("recurrent.compressor.write_v", d, d, g)
+        norm("recurrent.compressor.read_norm", d, g)
+        for name in ("read_q", "read_k", "read_v", "read_o"):
+            linear(f"recurrent.compressor.{name}", d, d, g)
+    if r.memory_gate.enabled:
+        g, mg = "recurrent.memory_gate", r.memory_gate
+        norm("recurrent.memory_gate.norm", d, g)
+        linear("recurrent.memory_gate.forget_gate", d, d, g)
+        add("recurrent.memory_gate.forget_gate.bias", (d,), ("const", mg.forget_bias), "param", g)
+        linear("recurrent.memory_gate.input_gate", d, d, g)
+        add("recurrent.memory_gate.input_gate.bias", (d,), ("const", mg.input_bias), "param", g)
 
     for i in range(s.coda_layers):
         block(f"coda.{i}", "coda", moe=False)
     norm("norm", s.dim, "head")
     if not s.tie_embeddings:
         linear("head", s.dim, s.vocab_size, "head")
+    if s.value_head.enabled:
+        linear("value_head", s.dim, 1, "value_head")
+        add("value_head.bias", (1,), ("zeros",), "param", "value_head")
     return out
 
 

@@ -174,3 +174,44 @@ def adversarial_cases(draw, kinds: tuple[str, ...] = ADVERSARIAL_KINDS, shapes: 
     seed = draw(st.integers(0, 2**31 - 1))
     return kind, Case(name, s, SHAPE_TABLE[name][1], seed, draw(token_ids(s, CI_INPUT_SHAPE[name])),
                       adversarial_weights(s, seed, kind), kind)
+
+
+# --------------------------------------------------------------------------- the hypothesised components
+# Each component alone on the tiny shape, and all of them at once on an MLA / MLP-halting / openmythos-
+# remainder shape (straight-through then also covers positions that never halt). The compressor's chunk
+# of 3 makes several chunks complete inside the fixed input of 10 tokens. One input shape per spec, so
+# each compiles once.
+_COMPONENTS = {"recurrent.max_loop_iters": 3}
+COMPONENT_TABLE: dict[str, dict] = {
+    "cross-loop": {"recurrent.cross_loop_attention.enabled": True, "recurrent.cross_loop_attention.n_heads": 2},
+    "compressor": {"recurrent.compressor.enabled": True, "recurrent.compressor.chunk": 3,
+                   "recurrent.compressor.n_summaries": 2, "recurrent.compressor.n_heads": 2},
+    "memory-gate": {"recurrent.memory_gate.enabled": True, "recurrent.memory_gate.forget_bias": 2.0,
+                    "recurrent.memory_gate.input_bias": 0.5},
+    "value-head": {"value_head.enabled": True},
+    "straight-through": {"halting.straight_through": True},
+    "all": {"recurrent.cross_loop_attention.enabled": True, "recurrent.compressor.enabled": True,
+            "recurrent.compressor.chunk": 3, "recurrent.compressor.n_summaries": 2, "recurrent.compressor.n_heads": 2,
+            "recurrent.memory_gate.enabled": True, "value_head.enabled": True, "halting.straight_through": True,
+            "attention.type": "mla", "halting.head": "mlp", "halting.mlp_hidden": 8, "halting.remainder": "openmythos",
+            "halting.threshold": 0.9},
+}
+COMPONENT_SHAPES: dict[str, S.Spec] = {
+    name: S.load("tiny", overrides={**_SMALL, **_COMPONENTS, **ov}) for name, ov in COMPONENT_TABLE.items()}
+COMPONENT_INPUT = (2, 10)
+
+
+@st.composite
+def component_cases(draw, shapes: list[str] | None = None) -> Case:
+    """A spec from COMPONENT_SHAPES, weights drawn as `weights` does (halting and router biases moved; the
+    component parameters too: memory-gate biases and the compressor's null slot), token ids (2, 10)."""
+    name = draw(st.sampled_from(shapes or list(COMPONENT_SHAPES)))
+    s = COMPONENT_SHAPES[name]
+    seed, w, edits = draw(weights(s))
+    if s.recurrent.memory_gate.enabled:
+        fb = draw(st.floats(-2.0, 6.0, allow_nan=False, width=32))
+        w["recurrent.memory_gate.forget_gate.bias"] = np.full(s.dim, fb)
+        edits += f", forget bias {fb:.3f}"
+    if s.recurrent.compressor.enabled:  # larger null-slot key: attention moves between summaries and the slot
+        w["recurrent.compressor.null_k"] = w["recurrent.compressor.null_k"] * draw(st.sampled_from([1.0, 50.0]))
+    return Case(name, s, None, seed, draw(token_ids(s, COMPONENT_INPUT)), w, edits)
