@@ -13,6 +13,8 @@ from rich.table import Table
 
 import spec as S
 
+from .train import train_command  # parity/train.py imports torch/jax only when it runs
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mythos: one looped transformer, two frameworks, proven equal.")
 # a pipe gets a wide table rather than rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -368,6 +370,9 @@ def _print_check(r) -> None:
     console.print("[green]PASS[/green]" if r.ok else "[red]FAIL[/red]")
     if not r.ok:
         raise typer.Exit(1)
+
+
+app.command("train")(train_command)
 
 
 def main() -> None:

@@ -310,6 +310,9 @@ def test_while_loop_equals_scan(seed, variant, shift):
     np.testing.assert_array_equal(a.halted, b.halted)
     n = int(a.n_steps)
     for name, x, y in zip(a.traces._fields, a.traces, b.traces):
+        if x is None:  # an option that is off (value head, attention probabilities)
+            assert y is None, name
+            continue
         np.testing.assert_allclose(x[:n], y[:n], rtol=0, atol=1e-13, err_msg=name)
 
 
@@ -626,8 +629,11 @@ def test_public_names():
         "causal_attention", "KVCache", "GQAttention", "MLAttention",
         "route", "Experts", "MoE", "expert_load", "update_router_bias",
         "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
+        "CrossLoopAttention", "ContextCompressor", "MemoryGate",
         "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
         "sample_next", "set_parity_precision",
+        "cross_entropy", "ponder_cost", "halting_entropy", "consistency", "total_loss",
+        "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",
     ]
     assert mj.__all__ == names and all(hasattr(mj, n) for n in names)
     try:

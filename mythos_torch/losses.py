@@ -1,0 +1,97 @@
+"""Training losses (ARCHITECTURE.md 4 and 5e): cross-entropy, ponder cost, halting entropy, consistency.
+
+Every term is computed in the acc dtype (float64 for a float64 model, else float32). The total is
+    loss = ce + w_ponder * ponder - w_entropy * entropy + w_consistency * consistency
+with the weights of spec.loss; a term whose weight is 0 is reported in `parts` but not added.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spec import Spec
+
+from .layers import acc_dtype
+from .model import ModelOutput
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of -log softmax(logits)[target] over the positions where mask is set.
+
+    logits (B, T, V), targets (B, T) int, mask (B, T) bool or 0/1 -> scalar (acc dtype).
+    """
+    acc = acc_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.to(acc), dim=-1)  # (B, T, V)
+    nll = -logp.gather(-1, targets.long()[..., None])[..., 0]  # (B, T)
+    m = mask.to(acc)
+    return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def ponder_cost(cum_p: torch.Tensor, loop_counts: torch.Tensor) -> torch.Tensor:
+    """mean_i(count_i + R_i), R_i = 1 - c before the halting step; gradient through R only.
+
+    cum_p (N, B, T) c after each step, loop_counts (B, T) int -> scalar. c before step s is c after
+    step s - 1 (0 before the first), read directly rather than as cum_p - halt_p (no rounding).
+    """
+    c_before = torch.cat([torch.zeros_like(cum_p[:1]), cum_p[:-1]])  # (N, B, T)
+    step = loop_counts.long() - 1  # (B, T) 0-based halting step
+    R = 1.0 - c_before.gather(0, step[None])[0]  # (B, T)
+    return (loop_counts.to(cum_p.dtype) + R).mean()
+
+
+def halting_entropy(halt_p: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    """Mean of H(p) = -p log p - (1-p) log(1-p) over the running (step, position) entries.
+
+    halt_p, running (N, B, T) -> scalar. The loss subtracts beta times it (a regulariser that keeps
+    halting from collapsing early).
+    """
+    # p is clipped into [eps, 1 - eps]: a saturated sigmoid (p == 1.0) would give 0 * log 0
+    eps = torch.finfo(halt_p.dtype).eps
+    p = halt_p.clamp(eps, 1.0 - eps)
+    H = -(p * torch.log(p) + (1.0 - p) * torch.log1p(-p))  # (N, B, T)
+    r = running.to(halt_p.dtype)
+    return (H * r).sum() / r.sum().clamp(min=1)
+
+
+def consistency(value_steps: torch.Tensor, values: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    """Mean of (v(h_t) - sg(v(y)))^2 over the running (step, position) entries, i.e. steps t < count_i.
+
+    value_steps (N, B, T) value head of each step's state, values (B, T) of the ACT output,
+    running (N, B, T) -> scalar (acc dtype).
+    """
+    acc = acc_dtype(value_steps.dtype)
+    d = value_steps.to(acc) - values.detach().to(acc)[None]  # (N, B, T)
+    r = running.to(acc)
+    return (d * d * r).sum() / r.sum().clamp(min=1)
+
+
+def total_loss(spec: Spec, out: ModelOutput, targets: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of spec.loss and its parts.
+
+    Args:
+        spec: the model's spec (spec.loss holds the weights).
+        out: the model's ModelOutput (run with early_exit=False for training).
+        targets: (B, T) int, the token each position should predict.
+        mask: (B, T) bool, positions that count in the cross-entropy (answer tokens).
+    Returns:
+        (loss scalar, parts): parts holds "ce", "ponder", "halting_entropy" and, with a value head,
+        "consistency" (each detached), plus "loops" the mean loop count.
+    """
+    w, tr = spec.loss, out.traces
+    ce = cross_entropy(out.logits, targets, mask)
+    ponder = ponder_cost(tr.cum_p, out.loop_counts)
+    entropy = halting_entropy(tr.halt_p, tr.running)
+    loss = ce
+    if w.ponder > 0:
+        loss = loss + w.ponder * ponder
+    if w.halting_entropy > 0:
+        loss = loss - w.halting_entropy * entropy
+    parts = {"ce": ce.detach(), "ponder": ponder.detach(), "halting_entropy": entropy.detach(),
+             "loops": out.loop_counts.to(ce.dtype).mean()}
+    if spec.value_head.enabled:
+        cons = consistency(tr.value, out.values, tr.running)
+        if w.consistency > 0:
+            loss = loss + w.consistency * cons
+        parts["consistency"] = cons.detach()
+    return loss, parts
