@@ -2,6 +2,7 @@
 
     python bench/decode.py                      # bench-s-gqa dims, 64-token prompt, batch 1 and 8
     python bench/decode.py --new-tokens 16 --repeats 3 --batch 1
+    python bench/decode.py --torch-compile      # also the torch twin with torch.compile'd decode steps
 
 One process, one set of weights: open-mythos 0.5.0's model is built with the bench-s-gqa dims
 (seeded torch init) and imported into both twins with weights_bridge.from_open_mythos. Every model
@@ -16,6 +17,8 @@ API. Torch runs under torch.inference_mode for both torch models, with ONE intra
 default (--threads to change it): a decode step is thousands of ops on (B, 1, 256) tensors, too small
 to split, and a second OpenMP thread only adds wake-ups (on a shared 2-core machine, spin-waits
 that made both torch models 10-20x slower in our runs). JAX keeps its own CPU thread pool.
+--torch-compile adds "mythos_torch (compiled)": a second torch twin whose decode steps run through
+torch.compile (common.compile_decode_steps; opt-in, its compilation is in the warmup, reported apart).
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (default 32)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per implementation (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time the torch twin with torch.compile'd decode steps (compiles for minutes)")
     ap.add_argument("--out", type=Path, default=None,
                     help="write the results as markdown here (e.g. docs/decode-benchmarks.md)")
     args = ap.parse_args()
@@ -123,6 +128,10 @@ def main() -> None:
     say(f"building open-mythos ({PRESET} dims) and importing its weights into both twins ...")
     om = C.build_open_mythos(PRESET)
     twins = {b: C.import_twin(om, b) for b in ("torch", "jax")}
+    if args.torch_compile:
+        twins["torch (compiled)"] = C.import_twin(om, "torch")
+        C.compile_decode_steps(twins["torch (compiled)"])
+    warm: dict[tuple[int, str], float] = {}
     s = C.om_spec(PRESET)
     results: list[Result] = []
     for B in args.batch:
@@ -130,11 +139,14 @@ def main() -> None:
         runners = {"open-mythos": om_decoder(om, ids, new),
                    "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch"),
                    "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax")}
+        if args.torch_compile:
+            runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch")
         res = {name: Result(name, B) for name in runners}
         for name, run in runners.items():
             t = time.perf_counter()
-            run()  # warmup (jax: compiles the prefill and the decode step)
-            say(f"batch {B}: {name} warmed up ({time.perf_counter() - t:.1f} s)")
+            run()  # warmup (jax: compiles the prefill and the decode step; torch.compile: the decode step)
+            warm[B, name] = time.perf_counter() - t
+            say(f"batch {B}: {name} warmed up ({warm[B, name]:.1f} s)")
         for r in range(args.repeats):
             for name, run in runners.items():
                 p, d, toks = run()
@@ -153,6 +165,8 @@ def main() -> None:
     ref_tokens = {r.batch: r.tokens for r in results if r.name == "open-mythos"}
     agree = [f"- batch {r.batch}, {r.name}: {int((r.tokens == ref_tokens[r.batch]).sum())}/{r.tokens.size} greedy "
              "tokens equal open-mythos'" for r in results if r.name != "open-mythos"]
+    agree += [f"- batch {B}, {name}: first (warmup) run {s:.1f} s, compilation included"
+              for (B, name), s in warm.items() if name != "open-mythos"]
     print("\n".join(lines + [""] + agree))
     if args.out is not None:
         cmd = "python bench/decode.py " + " ".join(sys.argv[1:])
@@ -162,8 +176,11 @@ def main() -> None:
                 f"(all run: KV cache), medians of {args.repeats} interleaved repeats (and the fastest repeat "
                 "of each).", "",
                 *lines, "", *agree, ""]
-        args.out.write_text("\n".join(body))
-        say(f"written to {args.out}")
+        # keep the hand-written sections (from the first "## " heading on) of an existing file
+        old = args.out.read_text() if args.out.exists() else ""
+        kept = old[old.find("\n## ") + 1:] if "\n## " in old else ""
+        args.out.write_text("\n".join(body) + ("\n" + kept if kept else ""))
+        say(f"written to {args.out}" + (" (hand-written sections kept)" if kept else ""))
 
 
 def table(results: list[Result], new: int) -> list[str]:
