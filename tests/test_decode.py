@@ -313,8 +313,12 @@ def _jax_abstract(s: S.Spec, dtype: str):
     return nnx.eval_shape(lambda: mj.Mythos(s, dtype=mj.model.DTYPES[dtype], rngs=nnx.Rngs(0)))
 
 
-def test_model_output_cache_field_is_last():
-    assert mt.ModelOutput._fields[-1] == mj.ModelOutput._fields[-1] == "cache"
+def test_model_output_fields_and_cache_default():
+    # the same fields in the same order in both twins; the fields added after the first release
+    # (cache, values) come last, so positional unpacking of the first five keeps working
+    assert mt.ModelOutput._fields == mj.ModelOutput._fields
+    assert mt.ModelOutput._fields[:5] == ("logits", "loop_counts", "halted", "n_steps", "traces")
+    assert mt.ModelOutput._fields[5:] == ("cache", "values")
     with torch.no_grad():
         assert model("torch", "gqa", "float64")(torch.from_numpy(ids_for(0, 3))).cache is None
 
