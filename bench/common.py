@@ -84,21 +84,6 @@ def import_twin(om_model, backend: str):
     return model
 
 
-def compile_decode_steps(model) -> None:
-    """Opt-in: run the torch twin's decode steps (calls with one token) through torch.compile.
-
-    Wraps `model._forward`, which generate calls for each decode step (the prefill keeps the eager
-    path): dynamic=True so that one graph serves every position (start_pos and the cache length
-    change each token). The first generate pays the compilation (~40-130 s here, less once
-    inductor's cache is warm).
-    """
-    import torch
-
-    eager = model._forward
-    compiled = torch.compile(eager, dynamic=True)
-    model._forward = lambda ids, *a, **k: (compiled if ids.shape[1] == 1 else eager)(ids, *a, **k)
-
-
 def make_ids(vocab: int, batch: int, tokens: int, seed: int = 1) -> np.ndarray:
     """(batch, tokens) int64 token ids, the same array for all three models."""
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, tokens), dtype=np.int64)

@@ -18,7 +18,7 @@ default (--threads to change it): a decode step is thousands of ops on (B, 1, 25
 to split, and a second OpenMP thread only adds wake-ups (on a shared 2-core machine, spin-waits
 that made both torch models 10-20x slower in our runs). JAX keeps its own CPU thread pool.
 --torch-compile adds "mythos_torch (compiled)": a second torch twin whose decode steps run through
-torch.compile (common.compile_decode_steps; opt-in, its compilation is in the warmup, reported apart).
+torch.compile (model.generate(..., compile=True); opt-in, its compilation is in the warmup, reported apart).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def om_decoder(om, ids: np.ndarray, new: int) -> Callable[[], tuple[float, float
     return run
 
 
-def twin_decoder(model, ids: np.ndarray, new: int, backend: str) -> Callable[[], tuple[float, float, np.ndarray]]:
-    """A twin's model.generate (greedy), timed by its on_token callback."""
+def twin_decoder(model, ids: np.ndarray, new: int, backend: str, **extra: object
+                 ) -> Callable[[], tuple[float, float, np.ndarray]]:
+    """A twin's model.generate (greedy; extra: e.g. compile=True), timed by its on_token callback."""
     def run() -> tuple[float, float, np.ndarray]:
         stamps: list[float] = []
         prompt = ids
@@ -97,7 +98,8 @@ def twin_decoder(model, ids: np.ndarray, new: int, backend: str) -> Callable[[],
             import torch
             prompt = torch.from_numpy(ids)
         t0 = time.perf_counter()
-        out = model.generate(prompt, new, n_loops=N_LOOPS, on_token=lambda tok: stamps.append(time.perf_counter()))
+        out = model.generate(prompt, new, n_loops=N_LOOPS, on_token=lambda tok: stamps.append(time.perf_counter()),
+                             **extra)
         return stamps[0] - t0, stamps[-1] - stamps[0], np.asarray(out)[:, ids.shape[1]:]
 
     return run
@@ -130,7 +132,6 @@ def main() -> None:
     twins = {b: C.import_twin(om, b) for b in ("torch", "jax")}
     if args.torch_compile:
         twins["torch (compiled)"] = C.import_twin(om, "torch")
-        C.compile_decode_steps(twins["torch (compiled)"])
     warm: dict[tuple[int, str], float] = {}
     s = C.om_spec(PRESET)
     results: list[Result] = []
@@ -140,7 +141,7 @@ def main() -> None:
                    "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch"),
                    "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax")}
         if args.torch_compile:
-            runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch")
+            runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch", compile=True)
         res = {name: Result(name, B) for name in runners}
         for name, run in runners.items():
             t = time.perf_counter()

@@ -179,6 +179,8 @@ def generate_command(
     loops: Optional[int] = typer.Option(None, min=1, help="loop steps per token (default: max_loop_iters)"),
     dtype: Optional[str] = typer.Option(None, help="float32 | float64 | bfloat16 (default: the file's, float32 for a spec)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
+    compile_: bool = typer.Option(False, "--compile", help="torch: decode steps through torch.compile "
+                                  "(the first call compiles for tens of seconds; jax always compiles)"),
 ) -> None:
     """Generate text with a KV cache, streaming tokens as they come; ends with tokens/s.
 
@@ -244,7 +246,9 @@ def generate_command(
     sys.stdout.flush()
     t0 = time.perf_counter()
     try:
-        out = model.generate(ids, max_new_tokens, loops, temperature, top_k, top_p, seed, tok.eos_id, on_token=show)
+        extra = {"compile": True} if compile_ and backend == "torch" else {}
+        out = model.generate(ids, max_new_tokens, loops, temperature, top_k, top_p, seed, tok.eos_id, on_token=show,
+                             **extra)
     except ValueError as e:
         sys.stdout.write("\n")
         fail(str(e))

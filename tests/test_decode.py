@@ -398,3 +398,13 @@ def test_decode_matches_open_mythos_own_incremental_decode():
         ours(ids[:, :4], cache=warm)
         torch.testing.assert_close(ours(ids[:, 4:8], cache=warm, start_pos=4).logits, ours(ids[:, :8]).logits[:, 4:8],
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compiled_decode_steps_give_the_eager_tokens():
+    # generate(compile=True) runs the decode steps through torch.compile: the same greedy tokens
+    m = model("torch", "gqa", "float64")
+    ids = torch.from_numpy(ids_for(0, 5))
+    eager = m.generate(ids, 6)
+    compiled = m.generate(ids, 6, compile=True)
+    assert torch.equal(eager, compiled)
