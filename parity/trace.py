@@ -26,7 +26,6 @@ import json
 import math
 import os
 import textwrap
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import spec as S
+from spec.atomic import atomic_write as _atomic_write
 from spec.tokenizer import N_BYTES, ByteTokenizer
 
 FORMAT = "mythos-trace/1"
@@ -304,19 +304,9 @@ def read_json(path: str | os.PathLike) -> TraceResult:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to a temp file in the target's directory, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name beside the target (so os.replace stays on one filesystem), created with the umask's permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write bytes atomically (spec.atomic), creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _atomic_write(path, data)
 
 
 def write_json(r: TraceResult, path: str | os.PathLike) -> Path:

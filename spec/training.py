@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from .atomic import atomic_write
 from .schema import Spec
 
 
@@ -123,16 +123,7 @@ def write_state(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta:
     path = Path(path)
     data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                 metadata={"mythos_train": json.dumps(dict(meta), sort_keys=True)})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return path
 
 

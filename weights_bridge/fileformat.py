@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -27,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 import spec as spec_lib
+from spec.atomic import atomic_open
 
 FORMAT = "mythos-weights"
 FORMAT_VERSION = "1"
@@ -176,23 +176,15 @@ def write_file(path: str | os.PathLike, s: spec_lib.Spec, arrays: Mapping[str, n
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # pad so the data starts 8-byte aligned, as safetensors does
 
-    # temp file in the same directory, then os.replace: a crash never leaves a partial target
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(head).to_bytes(8, "little"))
-            f.write(head)
-            for name in order:
-                data = _le_bytes(np.asarray(arrays[name]))
-                f.write(data)
-                if progress is not None:
-                    progress(name, len(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a crash never leaves a partial target (spec.atomic: temp file beside it, fsync, os.replace)
+    with atomic_open(path) as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name in order:
+            data = _le_bytes(np.asarray(arrays[name]))
+            f.write(data)
+            if progress is not None:
+                progress(name, len(data))
     return path
 
 
