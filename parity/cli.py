@@ -95,6 +95,9 @@ def info(
     t.add_column("bytes", justify="right")
     t.add_row("per attention layer", f"{kv['per_layer']:,}")
     t.add_row(f"layers ({s.prelude_layers} prelude + {n} loop steps + {s.coda_layers} coda)", str(kv["layers"]))
+    if "compressor" in kv:
+        t.add_row(f"compressor summaries and open chunk, amortised over max_seq_len={s.max_seq_len}",
+                  f"{kv['compressor']:,}")
     t.add_section()
     t.add_row("total per token", f"{kv['total']:,}")
     console.print(t)

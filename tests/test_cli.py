@@ -19,6 +19,21 @@ def test_info_reports_counts_flops_and_cache():
     assert "FLOPs per token" in r.output and "KV cache per token" in r.output
 
 
+def test_info_shows_the_hypothesised_components():
+    sets = ["recurrent.compressor.enabled=true", "recurrent.cross_loop_attention.enabled=true",
+            "recurrent.memory_gate.enabled=true", "value_head.enabled=true"]
+    r = runner.invoke(app, ["info", "tiny", *[x for kv in sets for x in ("--set", kv)]])
+    assert r.exit_code == 0, r.output
+    s = S.preset("tiny", dict(S.parse_override(kv) for kv in sets))
+    counts = S.count_params(s)
+    for group in ("recurrent.cross_loop", "recurrent.compressor", "recurrent.memory_gate", "value_head"):
+        assert group in counts and f"{counts[group]:,}" in r.output, group  # parameter rows
+    for part in ("cross_loop", "compressor", "memory_gate", "value_head"):
+        assert part in S.flops_per_token(s, 256) and part in r.output  # FLOP rows
+    kv = S.kv_cache_bytes_per_token(s)
+    assert "compressor summaries" in r.output and f"{kv['total']:,}" in r.output
+
+
 def test_info_set_and_bad_spec_exit_2():
     r = runner.invoke(app, ["info", "tiny", "--set", "attention.n_kv_heads=3"])
     assert r.exit_code == 2
