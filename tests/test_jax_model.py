@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import mythos_jax as mj
 import spec as S
+from reference import act_reference, naive_moe
 
 M = TypeVar("M", bound=nnx.Module)
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
@@ -237,25 +238,6 @@ def test_bad_inputs_are_clear_errors():
 # ------------------------------------------------------------------------------------- ACT
 
 
-def act_reference(p: np.ndarray, threshold: float, graves: bool, n_loops: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """ACT position by position in float64 over p (steps, P): weights, c after, running before, counts, halted."""
-    steps, P = p.shape
-    w, c_after, running_before = np.zeros((steps, P)), np.zeros((steps, P)), np.zeros((steps, P), bool)
-    counts, halted = np.full(P, n_loops), np.zeros(P, bool)
-    for i in range(P):
-        c, running = 0.0, True
-        for t in range(steps):
-            running_before[t, i] = running
-            if running:
-                stop = c + p[t, i] >= threshold or (graves and t == n_loops - 1)
-                w[t, i] = 1.0 - c if stop else p[t, i]
-                c += p[t, i]
-                if stop:
-                    running, counts[i], halted[i] = False, t + 1, True
-            c_after[t, i] = c
-    return w, c_after, running_before, counts, halted
-
 
 # no subnormal p: XLA on the CPU flushes subnormals to zero (torch and NumPy keep them)
 @given(p=st.lists(st.lists(st.floats(0.0, 1.0, allow_subnormal=False), min_size=5, max_size=5), min_size=1, max_size=6),
@@ -360,30 +342,6 @@ def test_dense_recurrent_ffn_has_empty_expert_traces():
 
 # ------------------------------------------------------------------------------------- MoE
 
-
-def naive_moe(x: np.ndarray, arrays: dict[str, np.ndarray], top_k: int, n_shared: int,
-              force: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token by token, slot by slot, in float64 (torch layout for shared experts): output (M, D), experts (M, k)."""
-    def silu(a: np.ndarray) -> np.ndarray:
-        return a / (1.0 + np.exp(-a))
-
-    Wr, b = arrays["router"], arrays["bias"]
-    E = Wr.shape[0]
-    out, chosen = np.zeros_like(x), np.zeros((len(x), top_k), dtype=np.int64)
-    for i, xi in enumerate(x):
-        z = Wr @ xi
-        s = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        sel = sorted(range(E), key=lambda e: (-(z[e] + b[e]), e))[:top_k]
-        if force is not None and (force[i] >= 0).all():
-            sel = list(force[i])
-        chosen[i] = sel
-        w = s[sel] / s[sel].sum()
-        for j, e in enumerate(sel):
-            out[i] += w[j] * ((silu(xi @ arrays["gate"][e]) * (xi @ arrays["up"][e])) @ arrays["down"][e])
-        for j in range(n_shared):
-            g, u, d = (arrays[f"shared.{j}.{n}"] for n in ("gate", "up", "down"))
-            out[i] += d @ (silu(g @ xi) * (u @ xi))
-    return out, chosen
 
 
 MOE_SHAPES = {"k<E": (5, 2, 2), "k=E": (3, 3, 0)}  # (n_experts, top_k, n_shared): one compile each

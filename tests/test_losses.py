@@ -17,27 +17,7 @@ import mythos_torch as mt
 import spec as S
 from mythos_jax import losses as JL
 from mythos_torch import losses as TL
-
-
-def act_reference(p: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Graves ACT per position, in Python loops: cum_p (c after each step), running, loop counts."""
-    N, B, T = p.shape
-    cum = np.zeros_like(p)
-    running = np.zeros(p.shape, dtype=bool)
-    counts = np.full((B, T), N)
-    for b in range(B):
-        for i in range(T):
-            c, run = 0.0, True
-            for t in range(N):
-                running[t, b, i] = run
-                if run:
-                    halts = c + p[t, b, i] >= threshold or t == N - 1
-                    c += p[t, b, i]
-                    if halts:
-                        counts[b, i] = t + 1
-                        run = False
-                cum[t, b, i] = c
-    return cum, running, counts
+from reference import act_reference
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +25,7 @@ def acts():
     rng = np.random.default_rng(0)
     N, B, T, V = 5, 3, 7, 11
     p = rng.uniform(0.02, 0.6, (N, B, T))
-    cum, running, counts = act_reference(p, 0.9)
+    _, cum, running, counts, _ = act_reference(p, 0.9, graves=True)  # Graves ACT, N = 5
     assert len(set(counts.ravel().tolist())) >= 3, "the example should halt at several different steps"
     return dict(p=p, cum=cum, running=running, counts=counts, logits=rng.normal(size=(B, T, V)) * 3,
                 targets=rng.integers(0, V, (B, T)), mask=rng.random((B, T)) < 0.6,

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import mythos_torch as mt
 import spec as S
+from reference import act_reference, naive_moe
 
 DT = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -228,25 +229,6 @@ def test_bad_inputs_are_clear_errors():
 # ------------------------------------------------------------------------------------- ACT
 
 
-def act_reference(p: np.ndarray, threshold: float, graves: bool, n_loops: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Naive ACT over p (steps, P) per position: weights, c after each step, running before, counts, halted."""
-    steps, P = p.shape
-    w, c_after, run_before = np.zeros((steps, P)), np.zeros((steps, P)), np.zeros((steps, P), bool)
-    counts, halted = np.full(P, n_loops), np.zeros(P, bool)
-    for i in range(P):
-        c, running = p.dtype.type(0), True
-        for t in range(steps):
-            run_before[t, i] = running
-            if running:
-                halt = c + p[t, i] >= p.dtype.type(threshold) or (graves and t == n_loops - 1)
-                w[t, i] = 1.0 - c if halt else p[t, i]
-                c = c + p[t, i]
-                if halt:
-                    running, counts[i], halted[i] = False, t + 1, True
-            c_after[t, i] = c
-    return w, c_after, run_before, counts, halted
-
 
 @given(p=st.lists(st.lists(st.floats(0.0, 1.0), min_size=5, max_size=5), min_size=1, max_size=6),
        threshold=st.sampled_from([0.5, 0.99, 1.0]), graves=st.booleans())
@@ -376,27 +358,6 @@ def test_dense_recurrent_ffn_has_empty_expert_traces():
 
 # ------------------------------------------------------------------------------------- MoE
 
-
-def naive_moe(x: np.ndarray, arrays: dict[str, np.ndarray], top_k: int, n_shared: int,
-              force: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token by token, slot by slot, in float64: output (M, D) and chosen experts (M, k)."""
-    silu = lambda a: a / (1.0 + np.exp(-a))  # noqa: E731
-    Wr, b = arrays["router"], arrays["bias"]
-    E = Wr.shape[0]
-    out, chosen = np.zeros_like(x), np.zeros((len(x), top_k), dtype=np.int64)
-    for i, xi in enumerate(x):
-        z = Wr @ xi
-        s = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        sel = sorted(range(E), key=lambda e: (-(z[e] + b[e]), e))[:top_k] if force is None else list(force[i])
-        chosen[i] = sel
-        w = s[sel] / s[sel].sum()
-        for j, e in enumerate(sel):
-            g, u, d = arrays["gate"][e], arrays["up"][e], arrays["down"][e]
-            out[i] += w[j] * ((silu(xi @ g) * (xi @ u)) @ d)
-        for j in range(n_shared):
-            g, u, d = (arrays[f"shared.{j}.{n}"] for n in ("gate", "up", "down"))
-            out[i] += d @ (silu(g @ xi) * (u @ xi))
-    return out, chosen
 
 
 @given(seed=st.integers(0, 2**16), n_experts=st.integers(1, 6), top_k=st.integers(1, 6), n_shared=st.integers(0, 2),
