@@ -5,7 +5,6 @@ another run; the schedule and the clipping match torch's formulas; `mythos train
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -26,15 +25,12 @@ from parity.cli import app
 from spec.tasks import get_task, make_batch
 from spec.training import TrainConfig, loop_plan, lr_factor, read_state, write_state
 
-HAS_NO_GRAD = "no_grad_steps" in inspect.signature(mt.Mythos.forward).parameters \
-    and "no_grad_steps" in inspect.signature(mj.Mythos.__call__).parameters
-
 # tiny (MoE, LoRA, LTI, ACT) with the ponder and entropy terms on; modadd rows of 2..4 operands (T = 8)
 SPEC = S.preset("tiny", overrides={"loss.ponder": 0.01, "loss.halting_entropy": 0.01})
 TASK, DIFFICULTY = "modadd", (2, 4)
 # loop counts drawn per batch in 2..3; with truncated backprop the first n - 2 steps run without gradient
 CFG = TrainConfig(steps=20, batch_size=2, lr=3e-3, warmup_steps=4, weight_decay=0.1, grad_clip=1.0, loops_min=2,
-                  loops_max=3, bptt=2 if HAS_NO_GRAD else None, seed=0, dtype="float64")
+                  loops_max=3, bptt=2, seed=0, dtype="float64")
 
 
 def batches(cfg: TrainConfig, steps: range):
@@ -90,8 +86,6 @@ def test_twenty_float64_steps_agree_between_the_twins(twenty_steps):
 
 
 def test_truncated_backprop_changes_the_gradient():
-    if not HAS_NO_GRAD:
-        pytest.skip("the models do not take no_grad_steps yet (truncated backprop lands with them)")
     b, _ = next(batches(CFG, range(1)))
     grads = {}
     for k in (0, 2):
