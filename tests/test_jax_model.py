@@ -579,23 +579,3 @@ def test_twin_parity_float64(name):
             np.testing.assert_array_equal(np.isinf(x), np.isinf(y))
             fin = ~np.isinf(x)
             assert not fin.any() or report(f"{name} {field}", x[fin], y[fin]) <= 1e-10
-
-
-def test_public_names():
-    names = [
-        "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
-        "causal_attention", "KVCache", "GQAttention", "MLAttention",
-        "route", "Experts", "MoE", "expert_load", "update_router_bias",
-        "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
-        "CrossLoopAttention", "ContextCompressor", "MemoryGate",
-        "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
-        "sample_next", "set_parity_precision",
-        "cross_entropy", "ponder_cost", "halting_entropy", "consistency", "total_loss",
-        "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",
-    ]
-    assert mj.__all__ == names and all(hasattr(mj, n) for n in names)
-    try:
-        import mythos_torch as mt
-    except ImportError:
-        return
-    assert mt.__all__ == mj.__all__

@@ -112,17 +112,22 @@ def test_entropy_is_finite_at_saturated_halting():
     assert abs(t - math.log(2) / 3) < 1e-12  # the saturated entries contribute ~0
 
 
+def twin_total_losses(s: S.Spec, ids: np.ndarray, targets: np.ndarray, mask: np.ndarray):
+    """total_loss of both twins' float64 forwards (seed 0, 3 loop steps): torch output, torch and jax (loss, parts)."""
+    pt, jx = mt.build(s, seed=0, dtype="float64"), mj.build(s, seed=0, dtype="float64")
+    with torch.no_grad():
+        to = pt(torch.from_numpy(ids), 3, early_exit=False)
+    jo = mj.forward(jx, ids, 3, early_exit=False)
+    return (to, TL.total_loss(s, to, torch.from_numpy(targets), torch.from_numpy(mask)),
+            JL.total_loss(s, jo, jnp.asarray(targets), jnp.asarray(mask)))
+
+
 def test_total_loss_on_model_outputs_is_equal_in_both_twins():
     s = S.preset("tiny", overrides={"loss.ponder": 0.05, "loss.halting_entropy": 0.02})
     rng = np.random.default_rng(1)
     ids = rng.integers(0, s.vocab_size, (2, 9))
     targets, mask = rng.integers(0, s.vocab_size, (2, 9)), rng.random((2, 9)) < 0.5
-    pt, jx = mt.build(s, seed=0, dtype="float64"), mj.build(s, seed=0, dtype="float64")
-    with torch.no_grad():
-        to = pt(torch.from_numpy(ids), 3, early_exit=False)
-    jo = mj.forward(jx, ids, 3, early_exit=False)
-    lt, pt_parts = TL.total_loss(s, to, torch.from_numpy(targets), torch.from_numpy(mask))
-    lj, pj_parts = JL.total_loss(s, jo, jnp.asarray(targets), jnp.asarray(mask))
+    to, (lt, pt_parts), (lj, pj_parts) = twin_total_losses(s, ids, targets, mask)
     assert abs(float(lt) - float(lj)) <= 1e-13 * abs(float(lt))
     for k in pt_parts:
         assert abs(float(pt_parts[k]) - float(pj_parts[k])) <= 1e-13 * max(1.0, abs(float(pt_parts[k]))), k
@@ -135,13 +140,7 @@ def test_total_loss_on_model_outputs_is_equal_in_both_twins():
 def test_consistency_in_total_loss_with_the_value_head():
     s = S.preset("tiny", overrides={"value_head.enabled": True, "loss.consistency": 0.5})
     ids = np.random.default_rng(2).integers(0, s.vocab_size, (2, 6))
-    targets, mask = ids, np.ones((2, 6), dtype=bool)
-    pt, jx = mt.build(s, seed=0, dtype="float64"), mj.build(s, seed=0, dtype="float64")
-    with torch.no_grad():
-        to = pt(torch.from_numpy(ids), 3, early_exit=False)
-    jo = mj.forward(jx, ids, 3, early_exit=False)
-    lt, parts = TL.total_loss(s, to, torch.from_numpy(targets), torch.from_numpy(mask))
-    lj, _ = JL.total_loss(s, jo, jnp.asarray(targets), jnp.asarray(mask))
+    _, (lt, parts), (lj, _) = twin_total_losses(s, ids, ids, np.ones((2, 6), dtype=bool))
     assert abs(float(lt) - float(lj)) <= 1e-13 * abs(float(lt))
     assert abs(float(lt) - float(parts["ce"]) - 0.5 * float(parts["consistency"])) < 1e-13
     assert float(parts["consistency"]) > 0
