@@ -6,7 +6,7 @@
     >>> spec.count_params(s)["total"]
 """
 
-from .costs import flops_per_token, kv_cache_bytes_per_token
+from .costs import cache_shapes, flops_per_token, kv_cache_bytes_per_token
 from .manifest import Param, count_params, init_arrays, manifest
 from .schema import (
     AttentionSpec,
@@ -30,6 +30,6 @@ from .tables import loop_table, rope_table
 __all__ = [
     "Spec", "AttentionSpec", "RecurrentSpec", "LoopEmbeddingSpec", "MoESpec", "HaltingSpec", "InitSpec",
     "SpecError", "load", "preset", "preset_names", "dump", "to_dict", "parse_override", "validate",
-    "Param", "manifest", "init_arrays", "count_params", "flops_per_token", "kv_cache_bytes_per_token",
+    "Param", "manifest", "init_arrays", "count_params", "flops_per_token", "kv_cache_bytes_per_token", "cache_shapes",
     "rope_table", "loop_table",
 ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from .schema import Spec
 
+COMPRESSOR_ARRAYS = ("summaries", "chunk_states")  # per loop step, not per attention layer
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -65,6 +68,31 @@ def flops_per_token(s: Spec, seq_len: int, n_loops: int | None = None) -> dict[s
     return out
 
 
+def cache_shapes(s: Spec, batch: int, seq: int, n_loops: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The KV cache's arrays by name and shape, for ``batch`` sequences of ``seq`` positions (both twins).
+
+    The leading axis L of the attention entries is the attention layer, prelude 0..P-1, loop step
+    0..N-1, coda 0..C-1. GQA: ``k`` (after RoPE) and ``v``, (L, B, S, H_kv, K). MLA: the latent
+    ``c_kv`` (L, B, S, kv_lora_rank) and one rotated rope key per token ``k_r`` (L, B, S, 1, rope);
+    under openmythos-0.5 (L, B, S, H, rope), as upstream caches it per head. With the compressor, per
+    loop step: the summaries of every chunk (N, B, ceil(S / c), m, D) and the rows of the chunk still
+    open (N, B, c, D).
+    """
+    a = s.attention
+    n = s.recurrent.max_loop_iters if n_loops is None else n_loops
+    L = s.prelude_layers + n + s.coda_layers
+    if a.type == "gqa":
+        shapes = {"k": (L, batch, seq, a.n_kv_heads, s.head_dim), "v": (L, batch, seq, a.n_kv_heads, s.head_dim)}
+    else:
+        heads = a.n_heads if s.semantics == "openmythos-0.5" else 1
+        shapes = {"c_kv": (L, batch, seq, a.kv_lora_rank), "k_r": (L, batch, seq, heads, a.qk_rope_head_dim)}
+    cp = s.recurrent.compressor
+    if cp.enabled:
+        shapes["summaries"] = (n, batch, -(-seq // cp.chunk), cp.n_summaries, s.dim)
+        shapes["chunk_states"] = (n, batch, cp.chunk, s.dim)
+    return shapes
+
+
 def kv_cache_bytes_per_token(s: Spec, dtype: str = "float32", n_loops: int | None = None,
                              max_len: int | None = None) -> dict[str, int]:
     """Bytes cached per token: per attention layer, and in total for ``n_loops`` recurrent steps.
@@ -74,21 +102,16 @@ def kv_cache_bytes_per_token(s: Spec, dtype: str = "float32", n_loops: int | Non
     still open, (ceil(S / c) m + c) d values, divided by S; ``total`` then is the whole cache's bytes
     over S, rounded down (``KVCache.bytes_per_token()``).
     """
-    a = s.attention
     n = s.recurrent.max_loop_iters if n_loops is None else n_loops
-    if a.type == "gqa":
-        per_layer = 2 * a.n_kv_heads * s.head_dim
-    elif s.semantics == "openmythos-0.5":
-        per_layer = a.kv_lora_rank + a.n_heads * a.qk_rope_head_dim  # its rope key is cached per head
-    else:
-        per_layer = a.kv_lora_rank + a.qk_rope_head_dim
-    layers = s.prelude_layers + s.coda_layers + n
+    S = s.max_seq_len if max_len is None else max_len
+    shapes = cache_shapes(s, 1, S, n)
     b = DTYPE_BYTES[dtype]
+    attn = [shape for name, shape in shapes.items() if name not in COMPRESSOR_ARRAYS]
+    per_layer = sum(math.prod(shape[3:]) for shape in attn)  # values per position per layer
+    layers = attn[0][0]
     out = {"per_layer": per_layer * b, "layers": layers, "total": per_layer * b * layers}
-    cp = s.recurrent.compressor
-    if cp.enabled:
-        S = s.max_seq_len if max_len is None else max_len
-        cmp = n * (-(-S // cp.chunk) * cp.n_summaries + cp.chunk) * s.dim * b  # bytes for S positions
+    if s.recurrent.compressor.enabled:
+        cmp = sum(math.prod(shapes[name]) for name in COMPRESSOR_ARRAYS) * b  # bytes for S positions
         out["compressor"] = cmp // S
         out["total"] = (per_layer * b * layers * S + cmp) // S
     return out
