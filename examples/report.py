@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import weights_bridge as wb  # noqa: E402
-from parity.train import checkpoints, evaluate  # noqa: E402
-from spec.tasks import get_task  # noqa: E402
+from mythos.train import checkpoints, evaluate  # noqa: E402
+from mythos.tasks import get_task  # noqa: E402
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 RUNS = ("torch", "jax", "baseline", "random-depth")

@@ -13,11 +13,11 @@ RD_STEPS=${RD_STEPS:-2000}  # the random-depth run
 mkdir -p "$OUT"
 COMMON=(examples/modadd-small.yaml --task modadd --difficulty 1-4 --batch-size 64 --lr 2e-3
         --warmup 100 --seed 0 --checkpoint-every 500 --eval-difficulty 1-8)
-$PY -m parity.cli train "${COMMON[@]}" --steps "$STEPS" --backend torch --out "$OUT/torch" > "$OUT.torch.txt" 2>&1 &
-$PY -m parity.cli train "${COMMON[@]}" --steps "$STEPS" --backend jax --out "$OUT/jax" > "$OUT.jax.txt" 2>&1 &
-$PY -m parity.cli train "${COMMON[@]}" --steps "$STEPS" --backend torch --loops-min 1 --loops-max 1 --eval-loops 1 \
+$PY -m mythos.cli train "${COMMON[@]}" --steps "$STEPS" --backend torch --out "$OUT/torch" > "$OUT.torch.txt" 2>&1 &
+$PY -m mythos.cli train "${COMMON[@]}" --steps "$STEPS" --backend jax --out "$OUT/jax" > "$OUT.jax.txt" 2>&1 &
+$PY -m mythos.cli train "${COMMON[@]}" --steps "$STEPS" --backend torch --loops-min 1 --loops-max 1 --eval-loops 1 \
     --out "$OUT/baseline" > "$OUT.baseline.txt" 2>&1 &
-$PY -m parity.cli train "${COMMON[@]}" --steps "$RD_STEPS" --backend torch --loops-min 1 --loops-max 8 \
+$PY -m mythos.cli train "${COMMON[@]}" --steps "$RD_STEPS" --backend torch --loops-min 1 --loops-max 8 \
     --out "$OUT/random-depth" > "$OUT.random-depth.txt" 2>&1 &
 wait
 $PY examples/report.py "$OUT"

@@ -1,22 +1,19 @@
-"""Training settings shared by both twins: TrainConfig, the per-step loop plan, the checkpoint files.
+"""Training rules both twins compute: TrainConfig, the learning-rate formula, the per-step loop plan.
 
-Framework-neutral on purpose (NumPy and the standard library only): both twins' train.py read the
-same TrainConfig, draw the same loop counts for the same step, and write the same optimizer-state
-file layout. The optimizer math itself lives in each twin (mythos_torch/train.py, mythos_jax/train.py).
+Framework-neutral on purpose (NumPy and the standard library only, no files): both twins' train.py
+read the same TrainConfig and draw the same loop counts for the same step. The optimizer math itself
+lives in each twin (mythos_torch/train.py, mythos_jax/train.py); the optimizer-state file is
+mythos/checkpoints.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from .atomic import atomic_write
 from .schema import Spec
 
 
@@ -103,44 +100,3 @@ def loop_plan(cfg: TrainConfig, s: Spec, step: int) -> tuple[int, int]:
         n = int(np.random.default_rng([cfg.seed, step, 1]).integers(cfg.loops_min, cfg.loops_max + 1))
     k = 0 if cfg.bptt is None else max(0, n - cfg.bptt)
     return n, k
-
-
-# --------------------------------------------------------------------------- optimizer-state files
-
-
-def write_state(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, object]) -> Path:
-    """Write optimizer-state arrays and JSON metadata as one safetensors file, atomically.
-
-    Args:
-        path: the target file; replaced only once the new file is complete (temp file + os.replace).
-        arrays: name -> array (see each twin's `optimizer_arrays`).
-        meta: JSON-serialisable values (step, backend, spec YAML, TrainConfig, ...).
-    Returns:
-        The path written.
-    """
-    from safetensors.numpy import save
-
-    path = Path(path)
-    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                metadata={"mythos_train": json.dumps(dict(meta), sort_keys=True)})
-    atomic_write(path, data)
-    return path
-
-
-def read_state(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, metadata) of a file written by write_state; a clear ValueError for anything else."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"optimizer state {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-        arrays = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise ValueError(f"optimizer state {path} is not a readable safetensors file: {e}") from None
-    if "mythos_train" not in meta:
-        raise ValueError(f"{path} holds no Mythos training metadata (not written by mythos train)")
-    return arrays, json.loads(meta["mythos_train"])

@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 import spec as S
-from parity.cli import app
+from mythos.cli import app
 
 runner = CliRunner()
 

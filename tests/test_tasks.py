@@ -1,4 +1,4 @@
-"""spec/tasks.py: batches are deterministic, answers are right (checked by decoding the inputs
+"""mythos/tasks.py: batches are deterministic, answers are right (checked by decoding the inputs
 independently), the difficulty knob changes what it says, exact match counts whole rows."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spec.tasks import ModularAddition, PointerChase, exact_match, get_task, make_batch, parse_difficulty
+from mythos.tasks import ModularAddition, PointerChase, exact_match, get_task, make_batch, parse_difficulty
 
 TASKS = ["pointer", "modadd", "parity"]
 

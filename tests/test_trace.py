@@ -1,4 +1,4 @@
-"""`mythos trace` (parity/trace.py and the CLI command): both twins' traces as JSON and PNGs."""
+"""`mythos trace` (mythos/trace.py and the CLI command): both twins' traces as JSON and PNGs."""
 
 import dataclasses
 import json
@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import mythos_jax
 import mythos_torch
 import spec as S
-from parity import trace as tr
-from parity.cli import app
+from mythos import trace as tr
+from mythos.cli import app
 
 runner = CliRunner()
 TINY = ["vocab_size=258"]  # tiny's 64-id vocabulary cannot hold the byte tokenizer (256 bytes + BOS + EOS)
@@ -170,9 +170,9 @@ def test_extra_fields_are_dumped_generically(traced, tmp_path):
 
     t = Traces(np.zeros((2, 1, 3)), np.ones((2, 1, 3)), np.full((2, 1, 2, 3, 3), 1 / 3), None)
     out = ModelOutput(np.zeros((1, 3, 8)), np.array([[1, 2, 2]], np.int32), np.arange(3.0)[None], t)
-    outputs, traces = tr.collect(out, "jax")
+    outputs, traces = tr.collect(out)
     assert list(outputs) == ["loop_counts", "values"] and list(traces) == ["cum_p", "value"]
-    assert "attn_probs" in tr.collect(out, "jax", attention=True)[1]
+    assert "attn_probs" in tr.collect(out, attention=True)[1]
 
     r = dataclasses.replace(traced["jax"][0], traces={**traced["jax"][0].traces, "value": np.ones((4, 1, 5))},
                             outputs={**traced["jax"][0].outputs, "values": np.arange(5.0)[None]})
@@ -241,7 +241,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
 
 @pytest.mark.parametrize("backend", tr.BACKENDS)
 def test_attention_flag(tmp_path, backend):
-    """--attention: a clear error while a twin lacks return_attention; with it, the probabilities are dumped."""
+    """--attention: a clear error while a twin lacks attn_probs; with it, the probabilities are dumped."""
     twin = {"torch": mythos_torch, "jax": mythos_jax}[backend]
     out = tmp_path / "att"
     args = ["trace", "tiny", "--set", "vocab_size=258", "--prompt", "ab", "--backend", backend, "--attention",
@@ -249,7 +249,7 @@ def test_attention_flag(tmp_path, backend):
     r = runner.invoke(app, args)
     if not tr.supports_attention(twin):
         assert r.exit_code == 2, r.output
-        assert f"--attention needs `mythos_{backend}.forward(..., return_attention=True)`" in flat(r.output)
+        assert f"--attention needs `mythos_{backend}.forward(..., attn_probs=True)`" in flat(r.output)
         assert not out.exists()
     else:
         assert r.exit_code == 0, r.output

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+import weights_bridge as wb
 from mythos_jax import train as JT
 from mythos_torch import train as TT
-from parity import train as PT
-from parity.cli import app
-from spec.tasks import get_task, make_batch
-from spec.training import TrainConfig, loop_plan, lr_factor, read_state, write_state
+from mythos import train as PT
+from mythos.cli import app
+from mythos.tasks import get_task, make_batch
+from mythos.checkpoints import read_state, write_state
+from spec.training import TrainConfig, loop_plan, lr_factor
 
 # tiny (MoE, LoRA, LTI, ACT) with the ponder and entropy terms on; modadd rows of 2..4 operands (T = 8)
 SPEC = S.preset("tiny", overrides={"loss.ponder": 0.01, "loss.halting_entropy": 0.01})
@@ -202,7 +204,7 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "state.safetensors"
     write_state(path, {"a": np.arange(3.0)}, {"step": 1})
     monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(wb.BridgeError, match="cannot write .*nothing was written"):  # the OSError, named
         write_state(path, {"a": np.arange(5.0)}, {"step": 2})
     arrays, meta = read_state(path)
     assert meta == {"step": 1} and arrays["a"].shape == (3,)

@@ -8,7 +8,6 @@ path. So twin -> twin needs no renaming and no layout change; the twins themselv
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -18,29 +17,12 @@ import numpy as np
 import spec as spec_lib
 
 from . import openmythos as om
-from .fileformat import (BridgeError, Progress, check_arrays, check_dtype_name, dtype_name, raise_if,
-                         read_file, write_file)
+from .backends import backend_of, check_backend, twin
+from .fileformat import (BridgeError, Progress, check_arrays, check_dtype_name, check_metadata, dtype_name, raise_if,
+                         read_file, read_header, write_file)
 
 if TYPE_CHECKING:
     import torch
-
-
-BACKENDS = ("torch", "jax")
-
-
-def backend_of(model: object) -> str:
-    """``"torch"`` or ``"jax"``: which twin built ``model`` (from the module that defines its type)."""
-    package = type(model).__module__.split(".")[0]
-    if package in ("mythos_torch", "mythos_jax"):
-        return package.removeprefix("mythos_")
-    raise BridgeError(f"{type(model).__module__}.{type(model).__name__} is not a Mythos model from mythos_torch or mythos_jax")
-
-
-def twin(backend: str):
-    """The twin package for ``backend`` (imported on first use, so the other framework stays unloaded)."""
-    if backend not in BACKENDS:
-        raise BridgeError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    return importlib.import_module(f"mythos_{backend}")
 
 
 def model_state(model: object) -> tuple[spec_lib.Spec, dict[str, np.ndarray], str]:
@@ -86,9 +68,19 @@ def load(path: str | os.PathLike, backend: str = "torch", dtype: str | None = No
     Raises:
         BridgeError: a truncated, corrupt or foreign file, or tensors that do not match the spec.
     """
-    twin(backend)  # an unknown backend fails before the file is read
+    check_backend(backend)  # an unknown backend fails before the file is read
     s, arrays, file_dtype = read_file(path, progress=progress)
     return build(backend, s, file_dtype if dtype is None else dtype, arrays)
+
+
+def read_spec(path: str | os.PathLike) -> tuple[spec_lib.Spec, str]:
+    """``(spec, dtype)`` of a Mythos weights file from its header alone (no tensor is read).
+
+    Raises:
+        BridgeError: a missing, truncated or foreign file (the tensors are checked by ``load``).
+    """
+    meta, _, _ = read_header(path)
+    return check_metadata(path, meta)
 
 
 # --------------------------------------------------------------------------- twin to twin
@@ -146,7 +138,7 @@ def from_open_mythos(model_or_state_dict: object, config: object = None, backend
         raise BridgeError(f"expected an OpenMythos model or its state dict, got {type(model_or_state_dict).__name__}")
     if config is None:
         raise BridgeError("a state dict does not carry its config: pass the MythosConfig it was built from")
-    twin(backend)
+    check_backend(backend)
     s = om.spec_from_config(config)
     arrays, weights_dtype = om.arrays_from_open_mythos(state_dict, s)
     return s, build(backend, s, weights_dtype if dtype is None else dtype, arrays)

@@ -1,6 +1,6 @@
 """A byte-level tokenizer: UTF-8 bytes 0..255 are the ids 0..255, then BOS and EOS. Nothing to download.
 
-    >>> from spec.tokenizer import ByteTokenizer
+    >>> from mythos.tokenizer import ByteTokenizer
     >>> tok = ByteTokenizer.for_spec(spec.preset("bench-s-gqa"))   # a clear error if vocab_size < 258
     >>> ids = tok.encode("héllo")                                  # [BOS, 104, 195, 169, 108, 108, 111]
     >>> tok.decode(ids)                                            # 'héllo'
@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 from typing import Callable, Iterable
 
-from .schema import Spec
+from spec import Spec
 
 N_BYTES = 256
 

@@ -1,6 +1,6 @@
 """`mythos trace`: one forward pass of either twin, its traces as JSON and as pictures.
 
-    >>> from parity import trace
+    >>> from mythos import trace
     >>> r = trace.run_trace("tiny", "jax", "hello", dtype="float64", sets=["vocab_size=258"])
     >>> trace.write_json(r, "out/trace.json")          # every ModelOutput / Traces field, nested lists
     >>> trace.draw(r, "out")                           # halting.png, state_norms.png, experts.png
@@ -20,7 +20,6 @@ for a dense FFN); `read_json` turns them back. A bfloat16 model's arrays are wri
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import math
@@ -34,12 +33,15 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import spec as S
-from spec.atomic import atomic_write as _atomic_write
-from spec.tokenizer import N_BYTES, ByteTokenizer
+from weights_bridge import backends
+from weights_bridge.atomic import atomic_write as _atomic_write
+
+from .load import check_choice, load_model, resolve
+from .tokenizer import N_BYTES, ByteTokenizer
 
 FORMAT = "mythos-trace/1"
-BACKENDS = ("torch", "jax")
-DTYPES = ("float32", "float64", "bfloat16")
+BACKENDS = backends.BACKENDS
+DTYPES = backends.DTYPES
 NOT_DUMPED = ("logits", "traces", "cache")  # ModelOutput fields left out: (B, T, V) logits, nested, the KV cache
 JSON_NAME = "trace.json"
 METADATA_KEYS = ("format", "spec", "backend", "dtype", "seed", "prompt", "ids", "tokens", "n_loops",
@@ -111,37 +113,26 @@ def token_labels(prompt: str, ids: list[int]) -> list[str]:
     return labels
 
 
-def _to_numpy(x: object, backend: str) -> np.ndarray:
+def _to_numpy(x: object) -> np.ndarray:
     """A twin's array (or int) as NumPy; bfloat16 becomes float32 (JSON and matplotlib know no bfloat16)."""
-    if backend == "torch":
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu()
-            return (x.float() if x.dtype == torch.bfloat16 else x).numpy().copy()
     if isinstance(x, int) and not isinstance(x, bool):
         return np.asarray(x, dtype=np.int32)  # torch's n_steps is a Python int, jax's an int32 scalar
-    a = np.asarray(x)
-    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+    return backends.widen(backends.to_numpy(x))
 
 
-def collect(out: NamedTuple, backend: str, *, attention: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def collect(out: NamedTuple, *, attention: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(outputs, traces) of a ModelOutput as NumPy, by field name; None fields skipped, attention only if asked."""
     def keep(name: str, value: object) -> bool:
         return value is not None and (attention or not is_attention_field(name))
 
-    outputs = {k: _to_numpy(v, backend) for k, v in zip(out._fields, out) if k not in NOT_DUMPED and keep(k, v)}
-    traces = {k: _to_numpy(v, backend) for k, v in zip(out.traces._fields, out.traces) if keep(k, v)}
+    outputs = {k: _to_numpy(v) for k, v in zip(out._fields, out) if k not in NOT_DUMPED and keep(k, v)}
+    traces = {k: _to_numpy(v) for k, v in zip(out.traces._fields, out.traces) if keep(k, v)}
     return outputs, traces
 
 
 def supports_attention(twin: object) -> bool:
-    """Whether the twin's forward takes return_attention (attention probabilities in the traces)."""
-    return "return_attention" in inspect.signature(twin.forward).parameters
-
-
-def _dtype_name(x: object) -> str:
-    return str(getattr(x, "dtype", "")).removeprefix("torch.")
+    """Whether the twin's forward takes attn_probs (attention probabilities in the traces)."""
+    return "attn_probs" in inspect.signature(twin.forward).parameters
 
 
 def run_trace(source: str, backend: str, prompt: str, *, n_loops: int | None = None, dtype: str | None = None,
@@ -156,7 +147,7 @@ def run_trace(source: str, backend: str, prompt: str, *, n_loops: int | None = N
         n_loops: loop steps N (>= 1); None -> spec.recurrent.max_loop_iters.
         dtype: float32 | float64 | bfloat16; None -> the file's, float32 for a spec.
         sets: spec overrides "field=value" (a spec only).
-        attention: also return the attention probabilities (needs the twins' `return_attention` keyword).
+        attention: also return the attention probabilities (needs the twins' `attn_probs` keyword).
         progress: called with a short message as each stage starts.
     Returns:
         A TraceResult. Every check runs before the forward (for a spec, before the model is built).
@@ -164,62 +155,40 @@ def run_trace(source: str, backend: str, prompt: str, *, n_loops: int | None = N
         TraceInputError: bad input, with a message that names it.
     """
     say = progress or (lambda msg: None)
-    if backend not in BACKENDS:
-        raise TraceInputError(f"--backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise TraceInputError(f"--dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
-    if n_loops is not None and n_loops < 1:
-        raise TraceInputError(f"--n-loops {n_loops} must be >= 1")
-    weights = str(source).endswith(".safetensors")
-    if weights and sets:
-        raise TraceInputError("--set applies to a spec, not to a weights file (its spec is stored in it)")
-    if weights and not Path(source).is_file():
-        raise TraceInputError(f"weights file {str(source)!r} does not exist")
-    s = None
-    if not weights:
-        try:
-            s = S.load(source, overrides=dict(S.parse_override(x) for x in sets))
-        except S.SpecError as e:
-            raise TraceInputError(str(e)) from None
-        _check_prompt(s, prompt)
+    try:
+        check_choice("--backend", backend, BACKENDS)
+        if dtype is not None:
+            check_choice("--dtype", dtype, DTYPES)
+        src = resolve(source, sets)  # a weights file: its spec from the header, no tensor read yet
+        if n_loops is not None:  # bounded: each loop step is a row of every picture and of the JSON
+            n_loops = S.check_loops(src.spec, n_loops, what="--n-loops")
+        _check_prompt(src.spec, prompt)
 
-    say(f"loading {backend}")
-    twin = importlib.import_module(f"mythos_{backend}")
-    if attention and not supports_attention(twin):
-        raise TraceInputError(f"--attention needs `mythos_{backend}.forward(..., return_attention=True)`, which this "
-                              "version of the model does not have yet; run without --attention")
-    # parity switches, as in the test suite: TF32 off (torch), x64 and float32 matmuls (jax, needed by
-    # float64), so both twins trace the same numbers
-    twin.set_parity_precision()
-    if weights:
-        import weights_bridge as wb
-
-        say(f"reading {source}")
-        try:
-            model = wb.load(source, backend=backend, dtype=dtype)
-        except ValueError as e:  # BridgeError, or a dtype the twin refuses
-            raise TraceInputError(str(e)) from None
-        s = model.spec
-        _check_prompt(s, prompt)
-    else:
-        say(f"building {backend} model (seed {seed})")
-        model = twin.build(s, seed=seed, dtype=dtype or "float32")
+        say(f"loading {backend}")
+        twin = backends.twin(backend)
+        if attention and not supports_attention(twin):
+            raise TraceInputError(f"--attention needs `mythos_{backend}.forward(..., attn_probs=True)`, which this "
+                                  "version of the model does not have yet; run without --attention")
+        # parity switches, as in the test suite: TF32 off (torch), x64 and float32 matmuls (jax, needed by
+        # float64), so both twins trace the same numbers
+        backends.enable_float64(backend)
+        say(f"reading {source}" if src.weights is not None else f"building {backend} model (seed {seed})")
+        model = load_model(source, backend, dtype, seed, sets)
+    except TraceInputError:
+        raise
+    except ValueError as e:  # LoadError, SpecError, BridgeError, or a dtype the twin refuses
+        raise TraceInputError(str(e)) from None
+    s, weights = model.spec, src.weights is not None
 
     tok = ByteTokenizer.for_spec(s)
     ids = np.asarray([tok.encode(prompt)], dtype=np.int64)  # (1, T)
-    kw = {"return_attention": True} if attention else {}
+    kw = {"attn_probs": True} if attention else {}
     say(f"running the {backend} forward" + (" (compiling)" if backend == "jax" else ""))
-    if backend == "torch":
-        import torch
-
-        with torch.inference_mode():
-            out = twin.forward(model, torch.from_numpy(ids), n_loops, **kw)
-    else:
-        out = twin.forward(model, ids, n_loops, **kw)
-    outputs, traces = collect(out, backend, attention=attention)
+    out = backends.forward(backend, model, ids, n_loops, **kw)
+    outputs, traces = collect(out, attention=attention)
     spec_name = str(source) if weights or not sets else f"{source} ({', '.join(sets)})"
     return TraceResult(
-        spec_name=spec_name, backend=backend, dtype=_dtype_name(out.logits), seed=None if weights else seed,
+        spec_name=spec_name, backend=backend, dtype=backends.dtype_of(out.logits), seed=None if weights else seed,
         prompt=prompt, ids=ids, tokens=token_labels(prompt, ids[0].tolist()),
         n_loops=int(traces["halt_p"].shape[0]), halting_threshold=float(s.halting.threshold),
         n_experts=s.moe.n_experts if s.recurrent.ffn == "moe" else 0,
@@ -262,7 +231,7 @@ def to_json(r: TraceResult) -> dict:
     clash = sorted(set(r.outputs) & set(METADATA_KEYS))
     if clash:
         raise ValueError(f"ModelOutput field(s) {clash} clash with trace JSON keys of the same name: "
-                         "rename them in parity/trace.py (METADATA_KEYS)")
+                         "rename them in mythos/trace.py (METADATA_KEYS)")
     return {
         "format": FORMAT,
         "spec": r.spec_name,
@@ -304,7 +273,7 @@ def read_json(path: str | os.PathLike) -> TraceResult:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes atomically (spec.atomic), creating the folder if needed."""
+    """Write bytes atomically (weights_bridge.atomic), creating the folder if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return _atomic_write(path, data)
 
@@ -453,17 +422,21 @@ def draw_experts(r: TraceResult, path: Path) -> Path:
     return path
 
 
-def draw(r: TraceResult, out_dir: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str]]:
+def draw(r: TraceResult, out_dir: str | os.PathLike, *, progress: Progress | None = None
+         ) -> tuple[list[tuple[Path, str]], list[str]]:
     """Write the PNGs into out_dir (atomically): ([(path, what it shows)], [notes on pictures skipped])."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     out = Path(out_dir)
+    say = progress or (lambda msg: None)
     written, notes = [], []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from")  # a prompt in a script the font lacks
+        say(f"drawing {PNG_NAMES['halting']} ({len(r.tokens)} tokens x {r.n_loops} loop steps)")
         written.append((draw_halting(r, out / PNG_NAMES["halting"]),
                         "cumulative halting probability, tokens x loop steps; loop count of each token boxed"))
+        say(f"drawing {PNG_NAMES['state_norms']}")
         written.append((draw_state_norms(r, out / PNG_NAMES["state_norms"]),
                         "||h|| per loop step: mean, min-max band" + (", one line per token" if len(r.tokens) <= 16 else "")))
         if r.n_experts == 0 or r.traces["expert_idx"].shape[-1] == 0:
@@ -472,16 +445,20 @@ def draw(r: TraceResult, out_dir: str | os.PathLike) -> tuple[list[tuple[Path, s
                          + (f"; removed the stale {stale.name} of an earlier run" if stale.exists() else ""))
             stale.unlink(missing_ok=True)  # an earlier MoE run's picture would contradict this trace
         else:
+            say(f"drawing {PNG_NAMES['experts']}")
             written.append((draw_experts(r, out / PNG_NAMES["experts"]),
                             "routed tokens per expert and loop step (running positions)"))
     return written, notes
 
 
-def write_all(r: TraceResult, out_dir: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str]]:
-    """trace.json and the PNGs in out_dir: ([(path, what it shows)], [notes])."""
+def write_all(r: TraceResult, out_dir: str | os.PathLike, *, progress: Progress | None = None
+              ) -> tuple[list[tuple[Path, str]], list[str]]:
+    """trace.json and the PNGs in out_dir: ([(path, what it shows)], [notes]); `progress` hears each file."""
     out = Path(out_dir)
+    say = progress or (lambda msg: None)
+    say(f"writing {out / JSON_NAME}")
     path = write_json(r, out / JSON_NAME)
-    written, notes = draw(r, out)
+    written, notes = draw(r, out, progress=say)
     return [(path, "every output and Traces field as nested lists (see docs/trace.md)"), *written], notes
 
 

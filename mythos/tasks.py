@@ -12,7 +12,7 @@ answer positions only (`mask`); exact match = every answer position of an exampl
 | `modadd` | d digits in 0..p-1 separated by "+", then "=" | after digit j (at its "+", or "="): the sum of digits 1..j mod p; the last answer is the whole sum |
 | `parity` | d bits, then "=" | at "=": their parity (XOR) |
 
-    >>> from spec.tasks import get_task, make_batch
+    >>> from mythos.tasks import get_task, make_batch
     >>> task = get_task("pointer")                       # 8 nodes: vocab 74
     >>> b = make_batch(task, seed=0, step=0, batch_size=4, difficulty=(1, 4))   # hops drawn in 1..4 per row
     >>> b.ids.shape, b.targets.shape, b.mask.shape       # (4, T) each, T = task.seq_len(4)
