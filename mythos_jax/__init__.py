@@ -13,24 +13,34 @@ Shape legend for every comment and einsum string in this package:
     N loop steps of this call, E routed experts (k of them chosen per token).
 """
 
-from .attention import GQAttention, KVCache, MLAttention, causal_attention
+from .attention import GQAttention, MLAttention, causal_attention
+from .block import Block
+from .cache import KVCache
 from .components import ContextCompressor, CrossLoopAttention, MemoryGate
+from .experts import Experts
+from .generate import sample_next
 from .layers import RMSNorm, SwiGLU, apply_rope, rms_norm
-from .model import Block, ModelOutput, Mythos, Traces, build, dump_arrays, forward, load_arrays, sample_next
-from .moe import MoE, Experts, expert_load, route, update_router_bias
 from .losses import consistency, cross_entropy, halting_entropy, ponder_cost, total_loss
+from .model import ModelOutput, Mythos, Traces, build, forward
+from .moe import MoE, expert_load, route, update_router_bias
 from .precision import set_parity_precision
 from .recurrent import ACT, HaltMLP, LoRA, LTIInjection, RecurrentBlock, act_step, add_loop_embedding
 from .train import StepResult, Trainer, load_optimizer_arrays, optimizer_arrays, train_step
+from .weights import dump_arrays, load_arrays
 
 __all__ = [
     "rms_norm", "RMSNorm", "apply_rope", "SwiGLU",
-    "causal_attention", "KVCache", "GQAttention", "MLAttention",
-    "route", "Experts", "MoE", "expert_load", "update_router_bias",
-    "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
+    "causal_attention", "GQAttention", "MLAttention",
+    "KVCache",
+    "Experts",
+    "route", "MoE", "expert_load", "update_router_bias",
     "CrossLoopAttention", "ContextCompressor", "MemoryGate",
-    "Block", "Traces", "ModelOutput", "Mythos", "load_arrays", "dump_arrays", "build", "forward",
-    "sample_next", "set_parity_precision",
+    "Block",
+    "add_loop_embedding", "LoRA", "LTIInjection", "HaltMLP", "ACT", "act_step", "RecurrentBlock",
+    "Traces", "ModelOutput", "Mythos", "build", "forward",
+    "sample_next",
+    "load_arrays", "dump_arrays",
     "cross_entropy", "ponder_cost", "halting_entropy", "consistency", "total_loss",
     "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",
+    "set_parity_precision",
 ]

@@ -4,16 +4,12 @@ decoding cache), and the memory gate on the recurrent update."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .cache import KVCache
 from .layers import RMSNorm, acc_dtype
-
-if TYPE_CHECKING:
-    from .attention import KVCache
 
 
 def _linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
@@ -120,19 +116,13 @@ class ContextCompressor(nnx.Module):
         n = -(-(c + T) // c)
         start_pos = jnp.asarray(start_pos, jnp.int32)
         first, off = start_pos // c, start_pos % c  # the chunk holding start_pos, and its rows before it
-        ring = jnp.take(cache.arrays["chunk_states"], t, axis=0)  # (B, c, D): slots < off are positions first*c..
+        ring = cache.chunk_states(t)  # (B, c, D): slots < off are positions first*c..
         win = jnp.concatenate([ring, jnp.zeros((B, n * c, D), h.dtype)], axis=1)  # (B, (n + 1) c, D)
         zero = jnp.zeros((), jnp.int32)
         win = jax.lax.dynamic_update_slice(win, h, (zero, off, zero))  # row r: position first*c + r, r < off + T
         summ = self.write(win[:, :n * c].reshape(B, n, c, D))  # (B, n, m, D)
-        u = jnp.arange(n)
-        complete = (u + 1) * c <= off + T
-        C = cache.arrays["summaries"].shape[2]
-        where = jnp.where(complete, first + u, C)  # incomplete chunks go out of bounds: dropped
-        cache.arrays["summaries"] = cache.arrays["summaries"].at[t, :, where].set(
-            jnp.moveaxis(summ, 1, 0), mode="drop")  # advanced indices first: (n, B, m, D)
-        rest = jax.lax.dynamic_slice_in_dim(win, (off + T) // c * c, c, axis=1)  # the open chunk's rows
-        cache.arrays["chunk_states"] = jax.lax.dynamic_update_index_in_dim(cache.arrays["chunk_states"], rest, t, 0)
+        cache.write_summaries(t, first, summ, (off + T) // c)  # the window's complete chunks
+        cache.write_chunk_states(t, jax.lax.dynamic_slice_in_dim(win, (off + T) // c * c, c, axis=1))  # the open one
 
 
 def _open_unit(x: jax.Array) -> jax.Array:

@@ -50,5 +50,6 @@ class SwiGLU(nnx.Module):
         self.up = nnx.Linear(dim, hidden, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(hidden, dim, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    def __call__(self, x: jax.Array, force_idx: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """x (B, T, D) -> (out (B, T, D), None): a dense FFN routes nothing (force_idx is ignored)."""
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spec import Spec
+from spec import HaltingSpec, Spec
 
+from .block import Block
+from .cache import KVCache
 from .components import ContextCompressor, CrossLoopAttention, MemoryGate
 from .layers import RMSNorm, acc_dtype
-
-if TYPE_CHECKING:
-    from .attention import KVCache
-    from .model import Block
+from .moe import Route
 
 
 def add_loop_embedding(h: jax.Array, row: jax.Array) -> jax.Array:
@@ -83,10 +82,12 @@ def act_step(p: jax.Array, c: jax.Array, running: jax.Array, threshold: float, l
              forced: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One ACT step (ARCHITECTURE.md section 4) on (B, T) -> (weight, new c, still running, halts now).
 
-    last: Graves' remainder, every running position halts now. forced (B, T) bool replaces the
-    threshold decision (replay of force_halt).
+    last: Graves' remainder, every running position halts now. forced (B, T) int (replay of force_halt):
+    -1 the position's own threshold rule, 0 continue, 1 halt (a bool array: False continue, True halt).
     """
-    decide = c + p >= threshold if forced is None else forced
+    decide = c + p >= threshold
+    if forced is not None:
+        decide = jnp.where(forced < 0, decide, forced > 0)
     halts = running & (decide | last)
     w = jnp.where(running, jnp.where(halts, 1.0 - c, p), 0.0)
     c = c + jnp.where(running, p, 0.0)  # open-mythos: c + p * running
@@ -97,11 +98,23 @@ class StepOut(NamedTuple):
     """What one loop step returns (RecurrentBlock)."""
     h: jax.Array  # (B, T, D) the new state
     p: jax.Array  # (B, T) acc dtype, halting probability of the new state
-    idx: jax.Array  # (B, T, k) int32 routed experts
-    margin: jax.Array  # (B, T) acc dtype router margin
+    route: Route | None  # routed experts (B, T, k) and router margin (B, T); None for a dense FFN
     entry: tuple[jax.Array, jax.Array] | None  # cross-loop memory key/value of the new state, (B, T, H, K)
     summaries: jax.Array | None  # compressor summaries of this step's complete chunks (B, J, m, D), no cache
-    probs: jax.Array | None  # (B, H, T, S) self-attention probabilities when asked for
+    attn_probs: jax.Array | None  # (B, H, T, S) self-attention probabilities when asked for
+
+
+class LoopState(NamedTuple):
+    """What the loop carries from step t to step t + 1 (ARCHITECTURE.md 3-4)."""
+    h: jax.Array  # (B, T, D) the state
+    y: jax.Array  # (B, T, D) the ACT readout so far, model dtype
+    c: jax.Array  # (B, T) acc dtype, cumulative halting probability
+    running: jax.Array  # (B, T) bool
+    halted: jax.Array  # (B, T) bool, halted by its decision
+    counts: jax.Array  # (B, T) int32 loop counts
+    cache: KVCache | None  # rides in the carry: step t writes its layer P + t
+    memory: tuple[jax.Array, jax.Array] | None  # cross-loop keys, values (N + 1, B, T, H, K); entry 0 = e
+    summaries: jax.Array | None  # compressor summaries of the previous step (B, J, m, D), no cache
 
 
 class RecurrentBlock(nnx.Module):
@@ -124,9 +137,9 @@ class RecurrentBlock(nnx.Module):
     def __call__(self, h: jax.Array, e: jax.Array, t: jax.Array, row: jax.Array, cos: jax.Array,
                  sin: jax.Array, force_idx: jax.Array | None = None, *, cache: KVCache | None = None,
                  layer: int | jax.Array = 0, start_pos: int | jax.Array = 0,
-                 memory: tuple[jax.Array, ...] | None = None, summaries: jax.Array | None = None,
-                 return_probs: bool = False) -> StepOut:
-        """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), expert idx (B, T, k), router margin (B, T), ...).
+                 memory: tuple[jax.Array, jax.Array, jax.Array] | None = None, summaries: jax.Array | None = None,
+                 attn_probs: bool = False) -> StepOut:
+        """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), route, memory entry, summaries, attn_probs).
 
         memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries:
         the compressor's summaries of step t-1 (B, J, m, D), all masked at step 0. With a cache, the
@@ -140,17 +153,13 @@ class RecurrentBlock(nnx.Module):
         if self.compressor is not None:
             T = h.shape[1]
             if cache is not None:  # step t-1's summaries of every chunk so far (unwritten ones are masked)
-                summaries = jnp.take(cache.arrays["summaries"], jnp.maximum(t - 1, 0), axis=0)
+                summaries = cache.summaries(jnp.maximum(t - 1, 0))
             # step 0 reads only the null slot (lax.scan: t is traced, so mask rather than skip)
             n_visible = jnp.where(t > 0, (start_pos + jnp.arange(T)) // self.compressor.chunk, 0)
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
-        if return_probs:
-            o, idx, margin, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
-                                               return_probs=True)
-        else:
-            o, idx, margin = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos)
-            probs = None
+        o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
+                                     attn_probs=attn_probs)
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
@@ -167,4 +176,71 @@ class RecurrentBlock(nnx.Module):
                 new_summaries = self.compressor.write(h_new[:, :J * c].reshape(B, J, c, D))
             else:
                 self.compressor.write_cached(h_new, t, cache, start_pos)
-        return StepOut(h_new, self.act(h_new), idx, margin, entry, new_summaries, probs)
+        return StepOut(h_new, self.act(h_new), route, entry, new_summaries, probs)
+
+
+def loop_step(rec: RecurrentBlock, state: LoopState, t: jax.Array, e: jax.Array, row: jax.Array, cos: jax.Array,
+              sin: jax.Array, force_idx: jax.Array | None, force_halt: jax.Array | None, *,
+              halting: HaltingSpec, last: bool | jax.Array, start_pos: int | jax.Array, layer: int | jax.Array,
+              attn_probs: bool, value: Callable[[jax.Array], jax.Array] | None
+              ) -> tuple[LoopState, tuple[jax.Array | None, ...]]:
+    """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order)."""
+    h, y, c, running, halted, counts, cache, memory, summaries = state
+    mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
+    out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
+              summaries=summaries, attn_probs=attn_probs)
+    h, p = out.h, out.p
+    if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
+        memory = tuple(jax.lax.dynamic_update_index_in_dim(m, x, t + 1, 0) for m, x in zip(memory, out.entry))
+    summaries = out.summaries
+    # force_halt: s in 1..N halts at step s, 0 never by threshold, -1 by the position's own rule (act_step's)
+    forced = None if force_halt is None else jnp.where(force_halt < 0, -1, (force_halt == t + 1).astype(jnp.int32))
+    w, c_new, still, halts = act_step(p, c, running, halting.threshold, (halting.remainder == "graves") & last, forced)
+    if halting.straight_through:
+        # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
+        # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
+        hard = halts | (still & last)
+        w = w + jax.lax.stop_gradient(hard.astype(w.dtype) - w)
+    y = y + w.astype(h.dtype)[..., None] * h
+    counts = jnp.where(halts, t + 1, counts)
+    halted = halted | halts
+    B, T, _ = h.shape
+    acc = acc_dtype(h.dtype)
+    if out.route is None:  # a dense FFN routes nothing: k = 0 experts, margin +inf
+        idx = jnp.zeros((B, T, 0), dtype=jnp.int32)
+        margin = jnp.full((B, T), jnp.inf, dtype=acc)
+    else:
+        idx, margin = out.route
+    norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(acc)), axis=-1)).astype(h.dtype)
+    probs = out.attn_probs  # with a cache: all S keys, those past start_pos + T hold 0
+    trace = (norm, p, c_new, running, idx, margin, None if value is None else value(h), probs)
+    return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries), trace
+
+
+# a Traces row, or the stacked Traces: a NamedTuple of arrays (and Nones) in Traces field order
+Rows = tuple[jax.Array | None, ...]
+
+
+def _run_steps(step: Callable[[LoopState, jax.Array], tuple[LoopState, Rows]], state: LoopState, fills: Rows, N: int,
+               early_exit: bool) -> tuple[LoopState, Rows, jax.Array]:
+    """Run step(state, t) for t = 0, 1, ... (the loop's control flow, STYLE 9; step calls loop_step) -> final
+    state, the per-step Traces rows stacked to (N, ...) (steps not run hold `fills`), steps executed."""
+    if not early_exit:
+        # lax.scan: all N steps, reverse-differentiable (training); the per-step rows stack to (N, ...)
+        state, traces = jax.lax.scan(step, state, jnp.arange(N, dtype=jnp.int32))
+        return state, traces, jnp.int32(N)
+
+    # lax.while_loop: inference stops once no position is running, which a Python `break` cannot
+    # test on traced values; rows go into fixed-size (N, ...) buffers, steps not run keep the fills
+    def cond(carry: tuple[jax.Array, LoopState, Rows]) -> jax.Array:
+        t, state, _ = carry
+        return (t < N) & jnp.any(state.running)
+
+    def body(carry: tuple[jax.Array, LoopState, Rows]) -> tuple[jax.Array, LoopState, Rows]:
+        t, state, traces = carry
+        state, trace = step(state, t)
+        return t + 1, state, jax.tree.map(lambda buf, r: buf.at[t].set(r), traces, trace)
+
+    buffers = jax.tree.map(lambda f: jnp.broadcast_to(f, (N, *f.shape)), fills)
+    n_steps, state, traces = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buffers))
+    return state, traces, n_steps

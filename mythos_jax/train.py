@@ -30,6 +30,7 @@ from spec.training import TrainConfig, lr_factor
 from .losses import total_loss
 from .model import Mythos
 from .moe import MoE, expert_load, update_router_bias
+from .weights import to_nnx, to_torch, torch_path
 
 
 def schedule(cfg: TrainConfig):
@@ -130,7 +131,7 @@ def train_step(tr: Trainer, ids: np.ndarray | jax.Array, targets: np.ndarray | j
         no_grad_steps=no_grad_steps)
     nnx.update(tr.model, params)
     if load is not None:
-        update_router_bias(tr.model, load)
+        update_router_bias(tr.model.recurrent.block.ffn, load, tr.model.spec.moe.bias_update_rate)
     lr = tr.cfg.lr * lr_factor(tr.cfg, tr.step)  # the host value, for the report
     tr.step += 1
     return StepResult(float(loss), {k: float(v) for k, v in parts.items()}, float(norm), lr, n_loops, no_grad_steps)
@@ -189,10 +190,8 @@ def _flat(tree: nnx.State) -> dict[str, np.ndarray]:
     out = {}
     for path, v in nnx.to_flat_state(tree):
         a = np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
-        *mod, leaf = (str(p) for p in path)
-        # nnx.Linear's kernel is torch's weight transposed; nnx.Embed's embedding is torch's weight
-        out[".".join([*mod, {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)])] = \
-            np.ascontiguousarray(a.T) if leaf == "kernel" else a.copy()
+        name, kind = torch_path(tuple(str(p) for p in path))
+        out[name] = to_torch(kind, a)
     return out
 
 
@@ -202,8 +201,8 @@ def _unflat(like: nnx.State, arrays: dict[str, np.ndarray | None]) -> nnx.State:
     new = []
     for path, v in flat:
         value = v.get_value() if isinstance(v, nnx.Variable) else v
-        *mod, leaf = (str(p) for p in path)
-        a = arrays[".".join([*mod, {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)])]
-        a = jnp.zeros_like(value) if a is None else jnp.asarray((a.T if leaf == "kernel" else a).astype(value.dtype))
+        name, kind = torch_path(tuple(str(p) for p in path))
+        a = arrays[name]
+        a = jnp.zeros_like(value) if a is None else jnp.asarray(to_nnx(kind, a.astype(value.dtype)))
         new.append((path, v.replace(a) if isinstance(v, nnx.Variable) else a))
     return nnx.from_flat_state(new)

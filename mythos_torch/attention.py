@@ -1,4 +1,4 @@
-"""Causal self-attention: GQA and MLA, and their decoding cache (ARCHITECTURE.md sections 2 and 6)."""
+"""Causal self-attention: GQA and MLA (ARCHITECTURE.md section 2; their decoding cache is in cache.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import KVCache
 from .layers import RMSNorm, acc_dtype, apply_rope
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int | None = None,
-                     *, return_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (B,T,H,K_v).
+                     *, attn_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (out (B,T,H,K_v), probs).
 
     Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
-    q_start + i (None: the queries are the last T keys). return_probs: also the probabilities
-    (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`).
+    q_start + i (None: the queries are the last T keys). probs: with attn_probs the probabilities
+    (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`); else None.
     """
     T, S = q.shape[1], k.shape[1]
     start = S - T if q_start is None else q_start
-    if return_probs:
+    if attn_probs:
         p = attention_probs(q, k, scale, start)  # (B, H, T, S)
         return _weighted_values(p.to(v.dtype), v), p
     # one fused kernel (softmax in float32 for bfloat16, float64 stays float64); enable_gqa: query
@@ -32,7 +33,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_causal_mask(T, S, start, q.device), scale=scale,
                                              enable_gqa=True)
-    return out.transpose(1, 2)  # (B, T, H, K_v)
+    return out.transpose(1, 2), None  # (B, T, H, K_v)
 
 
 def _causal_mask(T: int, S: int, start: int, device: torch.device) -> torch.Tensor:
@@ -63,45 +64,6 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(B, H, T, -1).transpose(1, 2)  # (B, T, H, K_v)
 
 
-class KVCache:
-    """Decoding cache, updated in place: for each attention layer (prelude 0..P-1, loop steps 0..N-1,
-    coda 0..C-1, on the leading axis L) the rows of positions 0..S-1 (S = capacity).
-
-    GQA: `k` (after RoPE) and `v`, (L, B, S, H_kv, K) each. MLA: `c_kv` (L, B, S, R) and the rotated
-    `k_r` (L, B, S, 1, rope), one per token; (L, B, S, H, rope) under openmythos-0.5, as upstream.
-    """
-
-    def __init__(self, arrays: dict[str, torch.Tensor], n_loops: int):
-        self.arrays = dict(arrays)
-        self.n_loops = n_loops
-
-    @property
-    def batch(self) -> int:
-        return next(iter(self.arrays.values())).shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return next(iter(self.arrays.values())).shape[2]
-
-    @property
-    def n_layers(self) -> int:
-        return next(iter(self.arrays.values())).shape[0]
-
-    def bytes_per_token(self) -> int:
-        """Bytes held per cached token, all layers together (spec.kv_cache_bytes_per_token's total)."""
-        return sum(a.numel() * a.element_size() for a in self.arrays.values()) // (self.batch * self.capacity)
-
-    def write(self, layer: int, start_pos: int, **rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store rows (B, T, ...) at positions start_pos.. of `layer`; return its rows at 0..start_pos+T-1."""
-        out = []
-        for name, r in rows.items():
-            buf = self.arrays[name][layer]  # (B, S, ...), a view
-            end = start_pos + r.shape[1]
-            buf[:, start_pos:end] = r  # in place; a (B, T, 1, rope) key broadcasts to a per-head layout
-            out.append(buf[:, :end])
-        return tuple(out)
-
-
 class GQAttention(nn.Module):
     """Grouped-query attention: query head j reads key/value head j // (H / H_kv)."""
 
@@ -117,9 +79,9 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(n_heads * hd, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, return_probs: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (B, T, D); return_probs: also the attention probabilities (B, H, T, S), acc dtype."""
+                layer: int = 0, start_pos: int = 0, attn_probs: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None."""
         B, T, _ = x.shape
         hd = self.head_dim
         qk = torch.cat([self.wq(x).view(B, T, self.n_heads, hd), self.wk(x).view(B, T, self.n_kv_heads, hd)], dim=2)
@@ -129,11 +91,8 @@ class GQAttention(nn.Module):
             k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out = causal_attention(q, k, v, hd**-0.5, q_start, return_probs=return_probs)
-        if return_probs:
-            out, p = out
-            return self.wo(out.reshape(B, T, self.n_heads * hd)), p
-        return self.wo(out.reshape(B, T, self.n_heads * hd))
+        out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs)
+        return self.wo(out.reshape(B, T, self.n_heads * hd)), probs
 
 
 class MLAttention(nn.Module):
@@ -158,9 +117,9 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(H * v_head_dim, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, return_probs: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (B, T, D); return_probs: also the attention probabilities (B, H, T, S), acc dtype."""
+                layer: int = 0, start_pos: int = 0, attn_probs: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None."""
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -176,8 +135,5 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_r.expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
         # (B, T, H, vd); scale as open-mythos
-        out = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, return_probs=return_probs)
-        if return_probs:
-            out, p = out
-            return self.wo(out.reshape(B, T, H * vd)), p
-        return self.wo(out.reshape(B, T, H * vd))
+        out, probs = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs)
+        return self.wo(out.reshape(B, T, H * vd)), probs

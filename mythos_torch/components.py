@@ -4,15 +4,11 @@ decoding cache), and the memory gate on the recurrent update."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
+from .cache import KVCache
 from .layers import RMSNorm, acc_dtype
-
-if TYPE_CHECKING:
-    from .attention import KVCache
 
 
 class CrossLoopAttention(nn.Module):
@@ -34,7 +30,7 @@ class CrossLoopAttention(nn.Module):
         return self.wk(x).unflatten(-1, (self.n_heads, -1)), self.wv(x).unflatten(-1, (self.n_heads, -1))
 
     def forward(self, x: torch.Tensor, k_mem: torch.Tensor, v_mem: torch.Tensor,
-                n_valid: torch.Tensor | None = None) -> torch.Tensor:
+                n_valid: int | None = None) -> torch.Tensor:
         """x (B, T, D) = h~, memory keys/values (M, B, T, H, K); entries m >= n_valid are masked."""
         q = self.wq(self.q_norm(x)).unflatten(-1, (self.n_heads, -1))  # (B, T, H, K)
         scores = torch.einsum("bthk,mbthk->bthm", q, k_mem) * q.shape[-1] ** -0.5
@@ -105,12 +101,11 @@ class ContextCompressor(nn.Module):
         `chunk_states` (N, B, c, D), slot = position mod c, until it completes."""
         c = self.chunk
         first = start_pos // c  # the chunk holding start_pos; its earlier rows are in chunk_states
-        win = torch.cat([cache.arrays["chunk_states"][t, :, :start_pos - first * c], h], dim=1)
+        win = torch.cat([cache.chunk_states(t)[:, :start_pos - first * c], h], dim=1)
         J = win.shape[1] // c  # chunks completed by this call
         if J:
-            cache.arrays["summaries"][t, :, first:first + J] = self.write(win[:, :J * c].unflatten(1, (J, c)))
-        rest = win[:, J * c:]  # the open chunk's rows
-        cache.arrays["chunk_states"][t, :, :rest.shape[1]] = rest
+            cache.write_summaries(t, first, self.write(win[:, :J * c].unflatten(1, (J, c))), J)
+        cache.write_chunk_states(t, win[:, J * c:])  # the open chunk's rows
 
 
 def _open_unit(x: torch.Tensor) -> torch.Tensor:

@@ -50,5 +50,6 @@ class SwiGLU(nn.Module):
         self.up = nn.Linear(dim, hidden, bias=False, dtype=dtype)
         self.down = nn.Linear(hidden, dim, bias=False, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    def forward(self, x: torch.Tensor, force_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """x (B, T, D) -> (out (B, T, D), None): a dense FFN routes nothing (force_idx is ignored)."""
+        return self.down(F.silu(self.gate(x)) * self.up(x)), None

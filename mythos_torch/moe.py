@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -10,10 +10,8 @@ import torch.nn.functional as F
 
 from spec import MoESpec
 
+from .experts import Experts
 from .layers import SwiGLU, acc_dtype
-
-if TYPE_CHECKING:
-    from .model import Mythos
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,122 +33,10 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.T
     return idx.to(torch.int32), w, margin
 
 
-class Experts(nn.Module):
-    """E routed SwiGLU experts, weights stacked [E, in, out] (`gate`, `up`, `down`)."""
-
-    def __init__(self, n_experts: int, dim: int, hidden: int, *, dtype: torch.dtype):
-        super().__init__()
-        self.gate = nn.Parameter(torch.empty(n_experts, dim, hidden, dtype=dtype))
-        self.up = nn.Parameter(torch.empty(n_experts, dim, hidden, dtype=dtype))
-        self.down = nn.Parameter(torch.empty(n_experts, hidden, dim, dtype=dtype))
-
-    def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D), slot by slot.
-
-        The N*k (token, slot) rows are sorted by expert (stable) and grouped: one grouped matmul per
-        weight over the sorted rows (F.grouped_mm), so no row is padded and no Python loop runs over
-        experts. What grouped_mm refuses (float64; rows not a multiple of 16 bytes) pads every group
-        to the largest instead (`_padded`, the float64 path of parity runs). At most SMALL_ROWS rows
-        (decoding at batch 1) skip the sorting and grouping, which cost more ops than the products:
-        row by row on the CPU (`_row_by_row`), else (GPUs, torch.compile) through gathered weights
-        (`_gathered`, no host read of the expert ids). Under torch.compile up to COMPILED_ROWS rows
-        keep static shapes: `_gathered`, or `_dense` once there are at least as many rows as experts.
-        """
-        N, k = expert.shape
-        E, _, hidden = self.gate.shape
-        compiling = torch.compiler.is_compiling()
-        if N * k <= SMALL_ROWS and x.device.type == "cpu" and not compiling:
-            return _row_by_row(x, expert, self.gate, self.up, self.down)
-        if N * k <= SMALL_ROWS or (compiling and N * k <= COMPILED_ROWS):
-            if N * k >= E:  # every expert's weights read once instead of copies of more than E
-                return _dense(x, expert, self.gate, self.up, self.down)
-            return _gathered(x, expert, self.gate, self.up, self.down)
-        flat = expert.reshape(-1).long()  # (M,), row m = (token m // k, slot m % k)
-        if not _grouped_mm_takes(x, hidden) or compiling:  # grouped_mm's CPU meta kernel: bfloat16 only
-            return _padded(x.repeat_interleave(k, dim=0), flat, self.gate, self.up, self.down).view(N, k, -1)
-        order = torch.argsort(flat, stable=True)  # (M,) rows sorted by expert
-        offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)  # (E,) end of each group
-        xs = x.index_select(0, order // k)  # (M, D) sorted rows (index_select: ~2x faster than x[...])
-        hs = F.silu(F.grouped_mm(xs, self.gate, offs=offs)) * F.grouped_mm(xs, self.up, offs=offs)  # (M, hidden)
-        ys = F.grouped_mm(hs, self.down, offs=offs)  # (M, D)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # sorted position of row m
-        return ys.index_select(0, inverse).view(N, k, -1)  # back to (token, slot) order
-
-
-# (token, slot) rows up to which Experts runs row by row on the CPU. A decoding token at batch 1 (k = 2,
-# E = 8, D = 256): 54 us row by row, 112 us through the grouped path; at 16 rows 640 vs 340 us
-SMALL_ROWS = 4
-# rows up to which a torch.compile'd Experts keeps static shapes (the grouped and padded paths have
-# data-dependent group sizes: graph breaks and a recompile per size)
-COMPILED_ROWS = 64
-
-
-def _row_by_row(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
-    """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D): (1, D) products
-    with the chosen experts' weights in place (views), no sort, no grouping, no copy of weights.
-
-    The expert ids are read on the host (on the CPU, where this path runs, that waits for nothing).
-    """
-    ys = []
-    for n, row in enumerate(expert.tolist()):
-        xn = x[n:n + 1]  # (1, D)
-        for e in row:
-            ys.append(torch.mm(F.silu(torch.mm(xn, gate[e])) * torch.mm(xn, up[e]), down[e]))  # (1, D)
-    return torch.cat(ys).view(*expert.shape, -1)
-
-
-def _gathered(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-              down: torch.Tensor) -> torch.Tensor:
-    """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D): each row's expert
-    weights gathered (a copy per row), batched (1, D) products; no host read, so torch.compile traces it whole."""
-    N, k = expert.shape
-    flat = expert.reshape(-1).long()  # (M,), row m = (token m // k, slot m % k)
-    xs = x.repeat_interleave(k, dim=0)[:, None]  # (M, 1, D)
-    hs = F.silu(torch.bmm(xs, gate[flat])) * torch.bmm(xs, up[flat])  # (M, 1, hidden)
-    return torch.bmm(hs, down[flat]).view(N, k, -1)
-
-
-def _dense(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-           down: torch.Tensor) -> torch.Tensor:
-    """Token n of x (N, D) through each of its experts expert[n] (N, k) -> (N, k, D): every expert on
-    every token, the chosen ones kept (E / k times the products; static shapes, for torch.compile)."""
-    N = x.shape[0]
-    hs = F.silu(torch.matmul(x, gate)) * torch.matmul(x, up)  # (E, N, hidden)
-    ys = torch.bmm(hs, down)  # (E, N, D)
-    return ys[expert.long(), torch.arange(N, device=x.device)[:, None]]  # (N, k, D)
-
-
-def _grouped_mm_takes(x: torch.Tensor, hidden: int) -> bool:
-    """Whether F.grouped_mm takes rows like x (M, D) with this hidden width: float32 or bfloat16 on the CPU,
-    bfloat16 on CUDA sm80+ (torch 2.13), and rows of 16-byte multiples."""
-    if x.device.type == "cpu":
-        dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
-    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0):
-        dtypes = (torch.bfloat16,)
-    else:
-        return False
-    size = x.element_size()
-    return x.dtype in dtypes and x.shape[-1] * size % 16 == 0 and hidden * size % 16 == 0
-
-
-def _padded(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
-    """Row m of x (M, D) through expert[m] (M,): each group zero-padded to the largest, batched matmuls."""
-    M, D = x.shape
-    E = gate.shape[0]
-    order = torch.argsort(expert, stable=True)  # rows sorted by expert
-    counts = torch.bincount(expert, minlength=E)  # (E,)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(M, device=x.device) - starts[expert[order]]  # (M,) place in its group
-    G = int(counts.max()) if M > 0 else 0
-    xg = x.new_zeros(E, G, D)  # (E, G, D): each expert's rows, zero-padded to the largest group
-    xg[expert, rank] = x
-    hg = F.silu(torch.bmm(xg, gate)) * torch.bmm(xg, up)  # (E, G, hidden)
-    yg = torch.bmm(hg, down)  # (E, G, D)
-    return yg[expert, rank]  # (M, D)
+class Route(NamedTuple):
+    """What the router chose for each position (MoE's second output)."""
+    idx: torch.Tensor  # (B, T, k) int32 routed experts, slot order = descending biased logit
+    margin: torch.Tensor  # (B, T) acc dtype, k-th minus (k+1)-th biased logit (+inf when k = E)
 
 
 class MoE(nn.Module):
@@ -167,9 +53,8 @@ class MoE(nn.Module):
         self.shared_experts = nn.ModuleList(
             [SwiGLU(dim, m.expert_dim * m.top_k, dtype=dtype) for _ in range(m.n_shared_experts)])
 
-    def forward(self, x: torch.Tensor, force_idx: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> out (B, T, D), expert idx (B, T, k) int32, router margin (B, T).
+    def forward(self, x: torch.Tensor, force_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, Route]:
+        """x (B, T, D) -> out (B, T, D), Route(expert idx (B, T, k) int32, router margin (B, T)).
 
         force_idx (B, T, k) replaces the top-k choice (replay); weights then come from the same scores.
         A position whose force_idx holds -1 (the trace fill of a step not run) keeps the top-k choice.
@@ -193,8 +78,8 @@ class MoE(nn.Module):
         for j in range(1, k):  # slot by slot, the summation order of open-mythos (0 + w_0 y_0 == w_0 y_0)
             out = out + wy[:, j]
         for shared in self.shared_experts:
-            out = out + shared(flat)
-        return out.view(B, T, D), idx, margin
+            out = out + shared(flat)[0]
+        return out.view(B, T, D), Route(idx, margin)
 
 
 def expert_load(expert_idx: torch.Tensor, running: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -207,13 +92,13 @@ def expert_load(expert_idx: torch.Tensor, running: torch.Tensor, n_experts: int)
 
 
 @torch.no_grad()
-def update_router_bias(model: Mythos, load: torch.Tensor) -> None:
-    """Aux-loss-free balancing, after an optimizer step: b += gamma * sign(mean(load) - load)."""
-    moe = model.recurrent.block.ffn
+def update_router_bias(moe: MoE, load: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing after an optimizer step: b += rate * sign(mean(load) - load), rate = gamma."""
     if not isinstance(moe, MoE):
-        raise ValueError("update_router_bias: the recurrent FFN is dense (recurrent.ffn=dense); it has no router")
+        raise ValueError(f"update_router_bias needs the MoE FFN (model.recurrent.block.ffn), got {type(moe).__name__}: "
+                         "a dense FFN (recurrent.ffn=dense) has no router")
     load = torch.as_tensor(load, device=moe.router_bias.device).to(torch.float64)
     if load.shape != moe.router_bias.shape:
         raise ValueError(f"update_router_bias: load has shape {tuple(load.shape)}, expected ({moe.n_experts},)")
-    step = model.spec.moe.bias_update_rate * torch.sign(load.mean() - load)
+    step = rate * torch.sign(load.mean() - load)
     moe.router_bias += step.to(moe.router_bias.dtype)

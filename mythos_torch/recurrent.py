@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spec import Spec
+from spec import HaltingSpec, Spec
 
+from .block import Block
+from .cache import KVCache
 from .components import ContextCompressor, CrossLoopAttention, MemoryGate
 from .layers import RMSNorm, acc_dtype
-
-if TYPE_CHECKING:
-    from .attention import KVCache
-    from .model import Block
+from .moe import Route
 
 
 def add_loop_embedding(h: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -100,11 +99,23 @@ class StepOut(NamedTuple):
     """What one loop step returns (RecurrentBlock)."""
     h: torch.Tensor  # (B, T, D) the new state
     p: torch.Tensor  # (B, T) acc dtype, halting probability of the new state
-    idx: torch.Tensor  # (B, T, k) int32 routed experts
-    margin: torch.Tensor  # (B, T) acc dtype router margin
+    route: Route | None  # routed experts (B, T, k) and router margin (B, T); None for a dense FFN
     entry: tuple[torch.Tensor, torch.Tensor] | None  # cross-loop memory key/value of the new state, (B, T, H, K)
     summaries: torch.Tensor | None  # compressor summaries of this step's complete chunks (B, J, m, D), no cache
-    probs: torch.Tensor | None  # (B, H, T, S) self-attention probabilities when asked for
+    attn_probs: torch.Tensor | None  # (B, H, T, S) self-attention probabilities when asked for
+
+
+class LoopState(NamedTuple):
+    """What the loop carries from step t to step t + 1 (ARCHITECTURE.md 3-4)."""
+    h: torch.Tensor  # (B, T, D) the state
+    y: torch.Tensor  # (B, T, D) the ACT readout so far, model dtype
+    c: torch.Tensor  # (B, T) acc dtype, cumulative halting probability
+    running: torch.Tensor  # (B, T) bool
+    halted: torch.Tensor  # (B, T) bool, halted by its decision
+    counts: torch.Tensor  # (B, T) int32 loop counts
+    cache: KVCache | None  # updated in place: step t writes its layer P + t
+    memory: tuple[torch.Tensor, torch.Tensor] | None  # cross-loop keys, values (N + 1, B, T, H, K); entry 0 = e
+    summaries: torch.Tensor | None  # compressor summaries of the previous step (B, J, m, D), no cache
 
 
 class RecurrentBlock(nn.Module):
@@ -127,13 +138,13 @@ class RecurrentBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, t: int, row: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, force_idx: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, memory: tuple[torch.Tensor, ...] | None = None,
-                summaries: torch.Tensor | None = None, return_probs: bool = False) -> StepOut:
-        """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), expert idx (B, T, k), router margin (B, T), ...).
+                layer: int = 0, start_pos: int = 0, memory: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                summaries: torch.Tensor | None = None, attn_probs: bool = False) -> StepOut:
+        """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), route, memory entry, summaries, attn_probs).
 
-        memory: the cross-loop memory (keys, values), (M, B, T, H, K) each; summaries: the compressor's
-        summaries of step t-1 (B, J, m, D) (None at step 0). With a cache, the block's attention writes
-        and reads cache layer `layer` (P + t), and the compressor reads and writes its cache rows.
+        memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries: the
+        compressor's summaries of step t-1 (B, J, m, D) (None at step 0). With a cache, the block's attention
+        writes and reads cache layer `layer` (P + t), and the compressor reads and writes its cache rows.
         """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         x = add_loop_embedding(h, row)  # h~
@@ -142,16 +153,12 @@ class RecurrentBlock(nn.Module):
         if self.compressor is not None:
             T = h.shape[1]
             if cache is not None:  # step t-1's summaries of every chunk so far (unwritten ones are masked)
-                summaries = cache.arrays["summaries"][t - 1] if t > 0 else None
+                summaries = cache.summaries(t - 1) if t > 0 else None
             n_visible = torch.arange(start_pos, start_pos + T, device=h.device) // self.compressor.chunk
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
-        if return_probs:
-            o, idx, margin, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
-                                               return_probs=True)
-        else:
-            o, idx, margin = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos)
-            probs = None
+        o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
+                                     attn_probs=attn_probs)
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
@@ -167,4 +174,45 @@ class RecurrentBlock(nn.Module):
                 new_summaries = self.compressor.write(h_new[:, :J * c].unflatten(1, (J, c)))
             else:
                 self.compressor.write_cached(h_new, t, cache, start_pos)
-        return StepOut(h_new, self.act(h_new), idx, margin, entry, new_summaries, probs)
+        return StepOut(h_new, self.act(h_new), route, entry, new_summaries, probs)
+
+
+def loop_step(rec: RecurrentBlock, state: LoopState, t: int, e: torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, force_idx: torch.Tensor | None, force_halt: torch.Tensor | None, *,
+              halting: HaltingSpec, last: bool, start_pos: int, layer: int, attn_probs: bool,
+              value: Callable[[torch.Tensor], torch.Tensor] | None
+              ) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
+    """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order)."""
+    h, y, c, running, halted, counts, cache, memory, summaries = state
+    mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
+    out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
+              summaries=summaries, attn_probs=attn_probs)
+    h, p = out.h, out.p
+    if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
+        # out of place: the earlier steps' attention saved the memory for the backward pass
+        memory = tuple(torch.cat([m[:t + 1], x[None], m[t + 2:]]) for m, x in zip(memory, out.entry))
+    summaries = out.summaries
+    # force_halt: s in 1..N halts at step s, 0 never by threshold, -1 by the position's own threshold decision
+    forced = None if force_halt is None else (force_halt == t + 1) | ((force_halt < 0) & (c + p >= halting.threshold))
+    w, c_new, still, halts = act_step(p, c, running, halting.threshold, (halting.remainder == "graves") & last, forced)
+    if halting.straight_through:
+        # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
+        # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
+        hard = halts | (still & last)
+        w = w + (hard.to(w.dtype) - w).detach()
+    y = y + w.to(h.dtype)[..., None] * h
+    counts = torch.where(halts, t + 1, counts)
+    halted = halted | halts
+    B, T, _ = h.shape
+    acc = acc_dtype(h.dtype)
+    if out.route is None:  # a dense FFN routes nothing: k = 0 experts, margin +inf
+        idx = torch.empty(B, T, 0, dtype=torch.int32, device=h.device)
+        margin = torch.full((B, T), float("inf"), dtype=acc, device=h.device)
+    else:
+        idx, margin = out.route
+    norm = torch.linalg.vector_norm(h.to(acc), dim=-1).to(h.dtype)
+    probs = out.attn_probs
+    if probs is not None and cache is not None:  # keys past start_pos + T: zeros, as in the jax twin
+        probs = F.pad(probs, (0, cache.capacity - probs.shape[-1]))
+    trace = (norm, p, c_new, running, idx, margin, None if value is None else value(h), probs)
+    return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries), trace

@@ -97,7 +97,8 @@ def train_step(tr: Trainer, ids: np.ndarray | torch.Tensor, targets: np.ndarray 
     tr.scheduler.step()
     ffn = model.recurrent.block.ffn
     if isinstance(ffn, MoE):
-        update_router_bias(model, expert_load(out.traces.expert_idx, out.traces.running, ffn.n_experts))
+        load = expert_load(out.traces.expert_idx, out.traces.running, ffn.n_experts)
+        update_router_bias(ffn, load, model.spec.moe.bias_update_rate)
     tr.step += 1
     return StepResult(float(loss.detach()), {k: float(v) for k, v in parts.items()}, float(norm), float(lr), n_loops,
                       no_grad_steps)

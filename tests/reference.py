@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def silu(a: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x) in float64."""
+    return a / (1.0 + np.exp(-a))
+
+
 def act_reference(p: np.ndarray, threshold: float, graves: bool, n_loops: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """ACT (ARCHITECTURE.md section 4) over halting probabilities p (steps, ...), position by position.
@@ -43,9 +48,6 @@ def naive_moe(x: np.ndarray, arrays: dict[str, np.ndarray], top_k: int, n_shared
     in torch layout. Selection: top-k of z + b with ties to the lower index; a row of force replaces
     it unless it holds -1 (not forced).
     """
-    def silu(a: np.ndarray) -> np.ndarray:
-        return a / (1.0 + np.exp(-a))
-
     Wr, b = arrays["router"], arrays["bias"]
     E = Wr.shape[0]
     out, chosen = np.zeros_like(x), np.zeros((len(x), top_k), dtype=np.int64)

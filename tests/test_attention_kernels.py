@@ -2,7 +2,7 @@
 
 torch runs `F.scaled_dot_product_attention` (plain causal, one query at the last key, or an
 absolute-position mask); jax runs `jax.nn.dot_product_attention` without a cache in float32 and
-bfloat16 and the explicit computation otherwise. `return_probs=True` takes the explicit path in both
+bfloat16 and the explicit computation otherwise. `attn_probs=True` takes the explicit path in both
 and also returns the probabilities (B, H, T, S) in the acc dtype: torch with a cache sees positions
 0..start_pos+T-1, jax all S positions of its cache (masked ones 0).
 """
@@ -18,6 +18,7 @@ import torch
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+from helpers import report
 from strategies import SHAPES
 
 
@@ -45,18 +46,14 @@ def inputs(T: int, S_: int, H: int, Hkv: int, seed: int = 0, Kv: int = 6) -> tup
             rng.standard_normal((2, S_, Hkv, Kv)))
 
 
-def jax_attention(q, k, v, scale, q_start, return_probs=False):
-    """mj.causal_attention compiled, q_start traced (as in the cached decode step) unless None."""
+def jax_attention(q, k, v, scale, q_start, attn_probs=False):
+    """mj.causal_attention compiled, q_start traced (as in the cached decode step) unless None: out, or (out, probs)."""
     if q_start is None:
-        return jax.jit(lambda q, k, v: mj.causal_attention(q, k, v, scale, return_probs=return_probs))(q, k, v)
-    return jax.jit(lambda q, k, v, p: mj.causal_attention(q, k, v, scale, p, return_probs=return_probs))(
-        q, k, v, jnp.int32(q_start))
-
-
-def report(name: str, got, want: np.ndarray) -> float:
-    err = np.abs(np.asarray(got, np.float64) - want)
-    print(f"{name}: max abs error {err.max():.2e}, mean {err.mean():.2e}")
-    return float(err.max())
+        out = jax.jit(lambda q, k, v: mj.causal_attention(q, k, v, scale, attn_probs=attn_probs))(q, k, v)
+    else:
+        out = jax.jit(lambda q, k, v, p: mj.causal_attention(q, k, v, scale, p, attn_probs=attn_probs))(
+            q, k, v, jnp.int32(q_start))
+    return out if attn_probs else out[0]
 
 
 # (T, S, q_start): no cache; the last T of S keys; one query at the last key; a chunk inside a cache
@@ -69,7 +66,8 @@ def test_fused_attention_float64_equals_the_reference(T_, S_, q_start, H, Hkv):
     q, k, v = inputs(T_, S_, H, Hkv)
     start = S_ - T_ if q_start is None else q_start
     want, _ = reference(q, k, v, 0.3, start)
-    t = mt.causal_attention(*(torch.from_numpy(a) for a in (q, k, v)), 0.3, q_start)
+    t, none = mt.causal_attention(*(torch.from_numpy(a) for a in (q, k, v)), 0.3, q_start)
+    assert none is None  # always (out, probs): no probabilities unless asked for
     j = jax_attention(*(jnp.asarray(a) for a in (q, k, v)), 0.3, q_start)
     assert t.dtype == torch.float64 and j.dtype == jnp.float64
     assert report("torch", t, want) < 1e-13 and report("jax", j, want) < 1e-13
@@ -80,8 +78,8 @@ def test_probs_sum_to_one_are_causal_and_equal_in_both_twins(T_, S_, q_start):
     q, k, v = inputs(T_, S_, 6, 2, seed=1)
     start = S_ - T_ if q_start is None else q_start
     want_out, want_p = reference(q, k, v, 0.3, start)
-    t_out, t_p = mt.causal_attention(*(torch.from_numpy(a) for a in (q, k, v)), 0.3, q_start, return_probs=True)
-    j_out, j_p = jax_attention(*(jnp.asarray(a) for a in (q, k, v)), 0.3, q_start, return_probs=True)
+    t_out, t_p = mt.causal_attention(*(torch.from_numpy(a) for a in (q, k, v)), 0.3, q_start, attn_probs=True)
+    j_out, j_p = jax_attention(*(jnp.asarray(a) for a in (q, k, v)), 0.3, q_start, attn_probs=True)
     for name, p in (("torch", t_p.numpy()), ("jax", np.asarray(j_p))):
         assert p.shape == (2, 6, T_, S_) and p.dtype == np.float64, name
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=0, atol=1e-14, err_msg=name)
@@ -113,17 +111,17 @@ def test_low_precision_kernels_follow_the_reference(dtype):
     tol = 1e-5 if dtype == "float32" else 3e-2
     tq = [torch.from_numpy(a).to(tdt) for a in (q, k, v)]
     jq = [jnp.asarray(a, jdt) for a in (q, k, v)]
-    t, j = mt.causal_attention(*tq, 0.3), jax_attention(*jq, 0.3, None)
+    t, j = mt.causal_attention(*tq, 0.3)[0], jax_attention(*jq, 0.3, None)
     assert t.dtype == tdt and j.dtype == jdt
     assert report(f"torch {dtype}", t.float(), want) < tol and report(f"jax {dtype}", j.astype(jnp.float32), want) < tol
-    (_, t_p), (_, j_p) = mt.causal_attention(*tq, 0.3, return_probs=True), jax_attention(*jq, 0.3, None, True)
+    (_, t_p), (_, j_p) = mt.causal_attention(*tq, 0.3, attn_probs=True), jax_attention(*jq, 0.3, None, True)
     assert t_p.dtype == torch.float32 and j_p.dtype == jnp.float32  # the acc dtype
     assert report(f"torch probs {dtype}", t_p, want_p) < tol and report(f"jax probs {dtype}", j_p, want_p) < tol
 
 
 @pytest.mark.parametrize("shape", ["gqa-moe", "mla-moe-mlp"])
 def test_module_probs_with_a_cache(shape):
-    """GQAttention / MLAttention(return_probs=True) on a chunk at start_pos 5 of a cache: the output is the
+    """GQAttention / MLAttention(attn_probs=True) on a chunk at start_pos 5 of a cache: the output is the
     one without probs; torch's probs cover positions 0..7, jax's the 12 of its capacity (8.. are 0)."""
     s = SHAPES[shape]
     w = S.init_arrays(s, 0)
@@ -138,10 +136,10 @@ def test_module_probs_with_a_cache(shape):
     ta, ja = tm.recurrent.block.attn, jm.recurrent.block.attn
     targs = (torch.from_numpy(x), torch.from_numpy(cos), torch.from_numpy(sin))
     with torch.no_grad():
-        t_out, t_p = ta(*targs, cache=tc, layer=layer, start_pos=start, return_probs=True)
-        t_plain = ta(*targs, cache=tc, layer=layer, start_pos=start)
+        t_out, t_p = ta(*targs, cache=tc, layer=layer, start_pos=start, attn_probs=True)
+        t_plain, _ = ta(*targs, cache=tc, layer=layer, start_pos=start)
     j_out, j_p = ja(*(jnp.asarray(a) for a in (x, cos, sin)), cache=jc, layer=layer, start_pos=start,
-                    return_probs=True)
+                    attn_probs=True)
     H = s.attention.n_heads
     assert tuple(t_p.shape) == (2, H, T_, start + T_) and j_p.shape == (2, H, T_, cap)
     assert (np.asarray(j_p)[..., start + T_:] == 0).all()

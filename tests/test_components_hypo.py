@@ -22,16 +22,10 @@ import mythos_jax as mj
 import mythos_torch as mt
 import parity
 import spec as S
+from helpers import to_numpy as _np
 from strategies import COMPONENT_INPUT, COMPONENT_SHAPES, component_cases
 
 ALL = COMPONENT_SHAPES["all"]
-F64 = parity.TOLERANCES["float64"]
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _ids(spec: S.Spec, seed: int, shape: tuple[int, int] = COMPONENT_INPUT) -> np.ndarray:
@@ -71,8 +65,8 @@ def test_trace_structure_matches(all_models):
     """Both twins return the same trace keys, shapes and dtypes; attention probabilities on request."""
     tm, jm = all_models
     ids = _ids(ALL, 0)
-    to = tm(torch.from_numpy(ids), early_exit=False, return_attention=True)
-    jo = mj.forward(jm, jnp.asarray(ids), early_exit=False, return_attention=True)
+    to = tm(torch.from_numpy(ids), early_exit=False, attn_probs=True)
+    jo = mj.forward(jm, jnp.asarray(ids), early_exit=False, attn_probs=True)
     assert to.traces._fields == jo.traces._fields and to._fields == jo._fields
     assert to._fields[-1] == "values" and to.traces._fields[-2:] == ("value", "attn_probs")
     N, (B, T) = ALL.recurrent.max_loop_iters, ids.shape
@@ -155,9 +149,9 @@ def test_causality_every_option_on(all_models, j):
         outs = []
         for x in (ids, ids2):
             if twin == "torch":
-                outs.append(tm(torch.from_numpy(x), early_exit=False, return_attention=True))
+                outs.append(tm(torch.from_numpy(x), early_exit=False, attn_probs=True))
             else:
-                outs.append(mj.forward(jm, jnp.asarray(x), early_exit=False, return_attention=True))
+                outs.append(mj.forward(jm, jnp.asarray(x), early_exit=False, attn_probs=True))
         a, b = outs
         assert not np.array_equal(_np(a.logits)[:, j:], _np(b.logits)[:, j:]), "the change must be visible at j"
         np.testing.assert_array_equal(_np(a.logits)[:, :j], _np(b.logits)[:, :j], err_msg=twin)

@@ -16,6 +16,7 @@ from flax import nnx
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+from helpers import as_float64 as _np
 from strategies import SHAPES
 
 ATOL = RTOL = 1e-12  # float64, O(1) values: the twins differ by a few ulps per op
@@ -31,13 +32,6 @@ def assert_close(name: str, ref, got, atol: float = ATOL, rtol: float = RTOL) ->
     ok = err <= atol + rtol * np.abs(a)
     assert ok.all(), (f"{name}: max abs error {err.max():.3e}, mean {err.mean():.3e}, "
                       f"{int((~ok).sum())}/{ok.size} elements beyond {atol:.0e} + {rtol:.0e}*|torch|")
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    return x.astype(np.float64) if x.dtype.kind == "f" else x
 
 
 def T(a: np.ndarray) -> torch.Tensor:
@@ -165,16 +159,16 @@ def test_rope(twins, request):
 def test_swiglu(gqa):
     tf, jf = gqa.sub("prelude.0.ffn")
     x = gqa.x(2, 7, 32)
-    assert_close("SwiGLU (prelude.0.ffn)", tf(T(x)), jcall(jf, J(x)))
+    assert_close("SwiGLU (prelude.0.ffn)", tf(T(x))[0], jcall(jf, J(x))[0])
 
 
 def test_causal_attention():
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 6, 3, 8)) for _ in range(3))
     kk, vv = rng.standard_normal((2, 9, 3, 8)), rng.standard_normal((2, 9, 3, 8))  # queries are the last 6 of 9 keys
-    assert_close("causal_attention", mt.causal_attention(T(q), T(k), T(v), 0.3), jfun(mj.causal_attention, J(q), J(k), J(v), 0.3, static=(3,)))
-    assert_close("causal_attention, S > T", mt.causal_attention(T(q), T(kk), T(vv), 0.3),
-                 jfun(mj.causal_attention, J(q), J(kk), J(vv), 0.3, static=(3,)))
+    assert_close("causal_attention", mt.causal_attention(T(q), T(k), T(v), 0.3)[0], jfun(mj.causal_attention, J(q), J(k), J(v), 0.3, static=(3,))[0])
+    assert_close("causal_attention, S > T", mt.causal_attention(T(q), T(kk), T(vv), 0.3)[0],
+                 jfun(mj.causal_attention, J(q), J(kk), J(vv), 0.3, static=(3,))[0])
 
 
 # --------------------------------------------------------------------------- attention
@@ -185,7 +179,7 @@ def test_gqa_attention(gqa, T_):
     ta, ja = gqa.sub("recurrent.block.attn")
     x = gqa.x(2, T_, 32)
     cos, sin = gqa.rope(T_)
-    assert_close(f"GQAttention T={T_}", ta(T(x), T(cos), T(sin)), jcall(ja, J(x), J(cos), J(sin)))
+    assert_close(f"GQAttention T={T_}", ta(T(x), T(cos), T(sin))[0], jcall(ja, J(x), J(cos), J(sin))[0])
 
 
 @pytest.mark.parametrize("T_", [1, 16, 64])
@@ -193,7 +187,7 @@ def test_mla_attention(mla, T_):
     ta, ja = mla.sub("prelude.0.attn")
     x = mla.x(2, T_, 32)
     cos, sin = mla.rope(T_)
-    assert_close(f"MLAttention T={T_}", ta(T(x), T(cos), T(sin)), jcall(ja, J(x), J(cos), J(sin)))
+    assert_close(f"MLAttention T={T_}", ta(T(x), T(cos), T(sin))[0], jcall(ja, J(x), J(cos), J(sin))[0])
 
 
 def test_mla_attention_openmythos_float32_rope(om):
@@ -201,7 +195,7 @@ def test_mla_attention_openmythos_float32_rope(om):
     x = om.x(2, 16, 32)
     cos, sin = (a.astype(np.float32) for a in om.rope(16))
     # float32 rotation inside a float64 model: the twins round the same float32 products
-    assert_close("MLAttention (openmythos-0.5)", ta(T(x), T(cos), T(sin)), jcall(ja, J(x), J(cos), J(sin)), atol=1e-9, rtol=1e-9)
+    assert_close("MLAttention (openmythos-0.5)", ta(T(x), T(cos), T(sin))[0], jcall(ja, J(x), J(cos), J(sin))[0], atol=1e-9, rtol=1e-9)
 
 
 # --------------------------------------------------------------------------- MoE
@@ -224,15 +218,15 @@ def test_route_breaks_ties_to_the_lower_index():
 def test_moe(gqa):
     tm, jm = gqa.sub("recurrent.block.ffn")
     x = gqa.x(3, 16, 32)
-    to, ti, tg = tm(T(x))
-    jo, ji, jg = jcall(jm, J(x))
+    to, (ti, tg) = tm(T(x))
+    jo, (ji, jg) = jcall(jm, J(x))
     np.testing.assert_array_equal(_np(ti), _np(ji), err_msg="MoE expert indices")
     assert_close("MoE margin", tg, jg)
     assert_close("MoE out", to, jo)
     # forced experts (the replay path): the reversed choice, through both twins
     forced = np.ascontiguousarray(_np(ti)[..., ::-1]).astype(np.int64)
-    fo, fi, _ = tm(T(x), T(forced))
-    go, gi, _ = jcall(jm, J(x), J(forced))
+    fo, (fi, _) = tm(T(x), T(forced))
+    go, (gi, _) = jcall(jm, J(x), J(forced))
     np.testing.assert_array_equal(_np(fi), forced)
     np.testing.assert_array_equal(_np(gi), forced)
     assert_close("MoE out, forced experts", fo, go)
@@ -241,8 +235,8 @@ def test_moe(gqa):
 def test_moe_top1(mla):
     tm, jm = mla.sub("recurrent.block.ffn")
     x = mla.x(2, 9, 32)
-    to, ti, tg = tm(T(x))
-    jo, ji, jg = jcall(jm, J(x))
+    to, (ti, tg) = tm(T(x))
+    jo, (ji, jg) = jcall(jm, J(x))
     np.testing.assert_array_equal(_np(ti), _np(ji))
     assert_close("MoE k=1 margin", tg, jg)
     assert_close("MoE k=1 out", to, jo)
@@ -252,7 +246,7 @@ def test_block_with_moe(gqa):
     tb, jb = gqa.sub("recurrent.block")
     x = gqa.x(2, 16, 32)
     cos, sin = gqa.rope(16)
-    (tx, ti, tg), (jx, ji, jg) = tb(T(x), T(cos), T(sin)), jcall(jb, J(x), J(cos), J(sin))
+    (tx, (ti, tg), _), (jx, (ji, jg), _) = tb(T(x), T(cos), T(sin)), jcall(jb, J(x), J(cos), J(sin))
     np.testing.assert_array_equal(_np(ti), _np(ji))
     assert_close("Block (recurrent.block) out", tx, jx)
     assert_close("Block margin", tg, jg)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
-from spec.tokenizer import ByteTokenizer
+from mythos.tokenizer import ByteTokenizer
 
 B, L, P, NEW = 2, 16, 6, 10  # batch, sequence length, prompt length, new tokens (P + NEW = L)
 TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -37,12 +37,7 @@ CASES = [("torch", c, d) for c in CONFIGS for d in ("float64", "float32")] + [
     ("jax", "gqa", "float64"), ("jax", "gqa", "float32"), ("jax", "om-mla", "float64")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and immune to busy CI boxes
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny tensors run fastest on one thread
 
 
 def tiny(config: str, **more: object) -> S.Spec:
@@ -249,7 +244,7 @@ def test_errors_come_before_any_work(twin, monkeypatch):
     if twin == "torch":
         monkeypatch.setattr(m, "_forward", lambda *a: pytest.fail("generate ran the model"))
     else:
-        monkeypatch.setattr(mj.model, "_cached_forward", lambda *a: pytest.fail("generate ran the model"))
+        monkeypatch.setattr(mj.generate, "_cached_forward", lambda *a: pytest.fail("generate ran the model"))
     prompt = ids_for(7, 60)
     with pytest.raises(ValueError, match=r"60 tokens \+ max_new_tokens=5 = 65 positions exceed max_seq_len=64"):
         generate(twin, m, prompt, 5)
@@ -276,7 +271,7 @@ def test_jax_one_compiled_step_serves_every_position():
     """Batch 1 is a shape no other test compiles: exactly two programs (the prefill and the decode
     step) serve a whole generate, then more generates and every position through forward()."""
     m = model("jax", "gqa", "float64")
-    count = lambda: mj.model.TRACE_COUNTS["cached_forward"]  # noqa: E731
+    count = lambda: mj.generate.TRACE_COUNTS["cached_forward"]  # noqa: E731
     before = count()
     generate("jax", m, ids_for(8, P)[:1], NEW)  # a prefill and NEW - 1 decode steps
     assert count() - before == 2, f"{count() - before} traces for one prefill and {NEW - 1} decode steps"
@@ -295,7 +290,7 @@ def test_cache_bytes_equal_mythos_info(config, dtype):
     s = tiny(config)
     want = S.kv_cache_bytes_per_token(s, dtype, 6)
     if dtype == "float32":  # the number `mythos info` prints is this function's
-        from parity.cli import app
+        from mythos.cli import app
         res = CliRunner().invoke(app, ["info", "tiny", "--loops", "6", "--dtype", dtype]
                                  + [f"--set={k}={v}" for k, v in CONFIGS[config].items()])
         assert res.exit_code == 0, res.output
@@ -343,7 +338,7 @@ def test_byte_tokenizer():
 
 def test_cli_generate(tmp_path):
     import weights_bridge as wb
-    from parity.cli import app
+    from mythos.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["generate", "tiny", "--set", "vocab_size=260", "--prompt", "hi",

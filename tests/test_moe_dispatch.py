@@ -17,16 +17,14 @@ import pytest
 import torch
 from flax import nnx
 
+import helpers
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+from reference import silu
 from strategies import SHAPES
 
 D, HIDDEN = 8, 16  # rows of 16-byte multiples in float32 and bfloat16: torch takes its grouped_mm path
-
-
-def silu(a: np.ndarray) -> np.ndarray:
-    return a / (1.0 + np.exp(-a))
 
 
 def naive(x: np.ndarray, expert: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
@@ -87,10 +85,8 @@ def _jcall(ex: mj.Experts, x: jax.Array, expert: jax.Array) -> jax.Array:
 
 
 def report(name: str, got, ref: np.ndarray) -> float:
-    got = np.asarray(got.detach().double() if isinstance(got, torch.Tensor) else np.asarray(got, np.float64))
-    err = np.abs(got - ref)
-    print(f"{name}: max abs error {err.max():.3e}, mean {err.mean():.3e}")
-    return float(err.max() / max(1.0, np.abs(ref).max()))
+    """helpers.report's max abs error relative to max(1, max |ref|)."""
+    return helpers.report(name, got, ref) / max(1.0, float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("hidden", [HIDDEN, 5])  # 5: 20-byte float32 rows, torch's padded fallback
@@ -171,7 +167,7 @@ def test_small_batch_paths_equal_a_row_by_row_loop(N, k):
     """At most SMALL_ROWS rows: torch row by row (CPU), through gathered weights (GPU, compile) and all
     experts densely (compile), jax through gathered weights; each against the NumPy loop, and torch's
     gradients against the padded path."""
-    assert N * k <= mt.moe.SMALL_ROWS and N * k <= mj.moe.SMALL_ROWS
+    assert N * k <= mt.experts.SMALL_ROWS and N * k <= mj.experts.SMALL_ROWS
     rng = np.random.default_rng(20 + N * k)
     E = 6
     w, x = weights(E, rng), rng.normal(size=(N, D))
@@ -182,15 +178,18 @@ def test_small_batch_paths_equal_a_row_by_row_loop(N, k):
     ex = torch_experts(w, torch.float64)
     args = (ex.gate, ex.up, ex.down)
     assert report("torch Experts", ex(T(x), T(expert)), ref) < 1e-12
-    assert report("torch _gathered", mt.moe._gathered(T(x), T(expert), *args), ref) < 1e-12
-    assert report("torch _dense", mt.moe._dense(T(x), T(expert), *args), ref) < 1e-12
+    assert report("torch _gathered", mt.experts._gathered(T(x), T(expert), *args), ref) < 1e-12
+    assert report("torch _dense", mt.experts._dense(T(x), T(expert), *args), ref) < 1e-12
+    assert report("torch dense_reference", mt.experts.dense_reference(T(x), T(expert), *args), ref) < 1e-12
     assert report("jax Experts", _jcall(jax_experts(w, jnp.float64), jnp.asarray(x), jnp.asarray(expert)), ref) < 1e-12
+    jw = [jnp.asarray(w[n]) for n in ("gate", "up", "down")]
+    assert report("jax dense_reference", mj.experts.dense_reference(jnp.asarray(x), jnp.asarray(expert), *jw), ref) < 1e-12
     x32 = x.astype(np.float32)
     assert report("torch float32", torch_experts(w, torch.float32)(T(x32), T(expert)), ref) < 1e-5
     assert report("jax float32", _jcall(jax_experts(w, jnp.float32), jnp.asarray(x32), jnp.asarray(expert)), ref) < 1e-5
     ct = T(rng.normal(size=(N, k, D)))
     grads = []
-    for fn in (mt.moe._row_by_row, mt.moe._gathered, mt.moe._dense, lambda x, e, *a: mt.moe._padded(
+    for fn in (mt.experts._row_by_row, mt.experts._gathered, mt.experts._dense, lambda x, e, *a: mt.experts._padded(
             x.repeat_interleave(k, dim=0), e.reshape(-1).long(), *a).view(N, k, -1)):
         ex = torch_experts(w, torch.float64)
         xt = T(x).requires_grad_()
@@ -218,7 +217,7 @@ def test_moe_routes_a_lone_token_as_within_a_batch(tie):
         t_all, t_lone = t_moe(torch.from_numpy(x)), t_moe(torch.from_numpy(x[:, 4:5]))
     j_all, j_lone = _jmoe(j_moe, jnp.asarray(x)), _jmoe(j_moe, jnp.asarray(x[:, 4:5]))
     k = s.moe.top_k
-    for name, (out, idx, margin), (out1, idx1, margin1) in (("torch", t_all, t_lone), ("jax", j_all, j_lone)):
+    for name, (out, (idx, margin)), (out1, (idx1, margin1)) in (("torch", t_all, t_lone), ("jax", j_all, j_lone)):
         np.testing.assert_array_equal(np.asarray(idx1), np.asarray(idx)[:, 4:5], err_msg=name)
         # the router's (1, D) product may round differently from the (9, D) one: an ulp, not a routing change
         np.testing.assert_allclose(np.asarray(margin1), np.asarray(margin)[:, 4:5], rtol=1e-13, err_msg=name)

@@ -1,0 +1,111 @@
+"""Decoding with a KV cache (ARCHITECTURE.md section 6; docs/design.md "Decoding with a cache"): a prefill,
+then one token per step, sampled on the host by spec.sampling.sample_next (the same NumPy code in both twins)."""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spec.sampling import check_generate, sample_next
+
+from .cache import KVCache
+
+
+def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None) -> jax.Array:
+    """Decode with a KV cache from a Mythos model (model.generate calls this; model.py imports this file).
+
+    Args:
+        model: a Mythos model.
+        ids: (B, T) prompt token ids.
+        max_new_tokens: tokens to add; T + max_new_tokens must not exceed spec.max_seq_len.
+        n_loops: loop steps N of every call (all of them run); None -> recurrent.max_loop_iters.
+        temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
+        top_k, top_p: sampling filters (None: off).
+        seed: seed of numpy.random.default_rng, one uniform per row per step.
+        eos_id: a row that emits it is padded with it; decoding stops once every row has.
+        on_token: called with each step's new tokens (B,) int64, as they come (streaming).
+    Returns:
+        (B, T + max_new_tokens) int32: the prompt followed by the new tokens.
+    """
+    ids = model._check_ids(jnp.asarray(ids))
+    N = model._check_loops(n_loops)
+    B, T = ids.shape
+    check_generate(model.spec, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    if max_new_tokens == 0:
+        return ids
+    # the capacity is rounded up to a power of two, so prompts of similar length share compiled steps
+    capacity = min(model.spec.max_seq_len, max(16, 1 << (T + max_new_tokens - 1).bit_length()))
+    cache: KVCache = model.init_cache(B, capacity, N)
+    static, leaves = _split(model)  # once: the compiled step is a pure function of (leaves, cache, ids, start_pos)
+    rng = np.random.default_rng(seed)
+    done = np.zeros(B, dtype=bool)
+    new: list[np.ndarray] = []
+    out = _cached_forward(static, leaves, cache, ids, jnp.int32(0), N, None, None)  # prefill
+    for i in range(max_new_tokens):
+        logits = np.asarray(out.logits)[:, -1].astype(np.float64)  # (B, V)
+        tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
+        if eos_id is not None:
+            tok = np.where(done, eos_id, tok)
+            done |= tok == eos_id
+        new.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(new) == max_new_tokens or done.all():
+            break
+        step = jnp.asarray(tok[:, None], dtype=jnp.int32)
+        out = _cached_forward(static, leaves, out.cache, step, jnp.int32(T + i), N, None, None)
+    tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
+    if new:
+        tail[:, :len(new)] = np.stack(new, axis=1)
+    return jnp.concatenate([ids, jnp.asarray(tail, dtype=jnp.int32)], axis=1)
+
+
+# How often each compiled function was traced (a trace precedes every compilation): decoding must
+# not recompile per token, and tests/test_decode.py counts it.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+class _Static:
+    """A static jit argument hashed once: hashing an nnx.GraphDef walks the whole model (~0.5 ms), and
+    jax.jit hashes its static arguments on every call."""
+
+    def __init__(self, value: object):
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 8), donate_argnums=(2,))
+def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, ids: jax.Array, start_pos: jax.Array,
+                    n_loops: int, force_halt: jax.Array | None, force_experts: jax.Array | None,
+                    attn_probs: bool = False) -> tuple:
+    """The forward with a cache, compiled once per shapes and n_loops: start_pos is traced, so one
+    program serves every position (generate's hot path, and forward(..., cache=...)); -> a ModelOutput.
+
+    A pure function of the model's state leaves (static: graphdef and state treedef), so no nnx.jit
+    graph walk per token; the cache buffers are donated, so XLA updates them in place.
+    """
+    TRACE_COUNTS["cached_forward"] += 1
+    graphdef, treedef = static.value
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos, attn_probs)
+
+
+def _split(model: nnx.Module) -> tuple[_Static, list[jax.Array]]:
+    """The model as (static graphdef and treedef, state leaves) for _cached_forward."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return _Static((graphdef, treedef)), leaves

@@ -1,0 +1,77 @@
+"""Decoding with a KV cache (ARCHITECTURE.md section 6; docs/design.md "Decoding with a cache"): a prefill,
+then one token per step, sampled on the host by spec.sampling.sample_next (the same NumPy code in both twins)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from spec.sampling import check_generate, sample_next
+
+from .cache import KVCache
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None,
+             compile: bool = False) -> torch.Tensor:
+    """Decode with a KV cache from a Mythos model (model.generate calls this; model.py imports this file).
+
+    Args:
+        model: a Mythos model.
+        ids: (B, T) prompt token ids.
+        max_new_tokens: tokens to add; T + max_new_tokens must not exceed spec.max_seq_len.
+        n_loops: loop steps N of every call (all of them run); None -> recurrent.max_loop_iters.
+        temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
+        top_k, top_p: sampling filters (None: off).
+        seed: seed of numpy.random.default_rng, one uniform per row per step.
+        eos_id: a row that emits it is padded with it; decoding stops once every row has.
+        on_token: called with each step's new tokens (B,) int64, as they come (streaming).
+        compile: run the one-token decode steps through torch.compile (opt-in, torch only: the JAX
+            twin always compiles its step). One graph serves every position; the first call pays
+            the compilation (tens of seconds, more on a cold inductor cache). Results agree with
+            the eager steps to float tolerance (inductor may reorder float sums), not bitwise.
+    Returns:
+        (B, T + max_new_tokens) int64: the prompt followed by the new tokens.
+    """
+    ids = model._check_ids(ids)
+    N = model._check_loops(n_loops)
+    B, T = ids.shape
+    check_generate(model.spec, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    if max_new_tokens == 0:
+        return ids
+    cache: KVCache = model.init_cache(B, T + max_new_tokens, N)
+    rng = np.random.default_rng(seed)
+    done = np.zeros(B, dtype=bool)
+    new: list[np.ndarray] = []
+    out = model(ids, N, cache=cache)  # prefill
+    for i in range(max_new_tokens):
+        logits = out.logits[:, -1].double().cpu().numpy()  # (B, V)
+        tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
+        if eos_id is not None:
+            tok = np.where(done, eos_id, tok)
+            done |= tok == eos_id
+        new.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(new) == max_new_tokens or done.all():
+            break
+        # forward without its checks: the ids are sampled ids, the positions fit the cache
+        step = torch.from_numpy(tok[:, None]).to(ids.device)
+        out = (compiled_step(model) if compile else model._forward)(step, N, False, None, None, out.cache, T + i)
+    tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
+    if new:
+        tail[:, :len(new)] = np.stack(new, axis=1)
+    return torch.cat([ids, torch.from_numpy(tail).to(ids.device)], dim=1)
+
+
+def compiled_step(model: nn.Module) -> Callable[..., tuple]:
+    """model._forward through torch.compile (dynamic shapes: start_pos and the cache length change per token),
+    built once per model and kept on it."""
+    if model._compiled is None:
+        model._compiled = torch.compile(model._forward, dynamic=True)
+    return model._compiled
