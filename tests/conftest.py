@@ -1,8 +1,16 @@
-"""Test setup: hypothesis profiles and the precision switches (set once, here)."""
+"""Test setup: hypothesis profiles, the precision switches, and the `twin` and `one_torch_thread` fixtures.
+
+No twin is imported here: a test module imports the twin it uses, and `helpers.twin(name)` imports one
+on first use.
+"""
 
 import os
+import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+import helpers
 
 # `ci` (default): derandomized and bounded so the whole suite fits CI.
 # `thorough`: many random examples, for local runs: MYTHOS_HYPOTHESIS=thorough pytest
@@ -17,10 +25,31 @@ settings.register_profile(
 settings.load_profile(os.environ.get("MYTHOS_HYPOTHESIS", "ci"))
 
 
-def pytest_configure(config):
-    # float64 parity needs x64 in JAX; both twins' parity switches are turned on once for the session.
-    import mythos_jax
-    import mythos_torch
+@pytest.fixture(autouse=True, scope="session")
+def _parity_precision():
+    """Both twins' parity switches (docs/design.md "Precision switches") for the twins the collected test
+    modules imported, on before the first test runs: float64 JAX needs jax_enable_x64 before any array.
+    (No test module creates a JAX array at import; a twin imported later, through helpers.twin, sets its
+    own switch then.)"""
+    for name in ("mythos_torch", "mythos_jax"):
+        if name in sys.modules:
+            sys.modules[name].set_parity_precision()
 
-    mythos_jax.set_parity_precision()
-    mythos_torch.set_parity_precision()
+
+@pytest.fixture(scope="session", params=helpers.TWIN_NAMES)
+def twin(request):
+    """Each twin in turn (helpers.TorchTwin / helpers.JaxTwin); restrict a test to one twin with
+    @pytest.mark.parametrize("twin", ["torch"], indirect=True)."""
+    return helpers.twin(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for the module: tiny tensors run fastest so, and no OpenMP spin contention on
+    small CI boxes. Use with pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
