@@ -1,29 +1,107 @@
 """The Mythos architecture spec: a frozen dataclass tree, loaded from YAML and validated once.
 
 Every field is documented in spec/README.md. Loading goes raw mapping -> semantics defaults ->
-dotted overrides -> typed parse (unknown keys are errors with a did-you-mean) -> cross-field
-validation. Each error names the field path, the value and what is allowed.
+dotted overrides -> typed parse (unknown keys are errors with a did-you-mean) -> ranges (RANGES, one
+table for every numeric field) -> cross-field validation. Each error names the field path, the value
+and what is allowed. YAML comes through one hardened loader (size bound, UTF-8, no anchors, aliases,
+merge or duplicate keys, bounded nesting); a preset is a name, never a path; `loads` reads text only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
 
+import numpy as np
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # a preset is a name, never a path
 SEMANTICS = ("mythos", "openmythos-0.5")
+MAX_SPEC_BYTES = 1 << 20  # a spec file, YAML text or override value; real specs are about 1 KB
+MAX_YAML_DEPTH = 16  # nesting of YAML mappings and lists; a spec is 3 deep
+FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class SpecError(ValueError):
     """A spec that cannot be built; the message names the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of allowed values: ``Range(0, 10, lo_open=True)`` is (0, 10]."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def show(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+        return f"{'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
+
+
+# Every numeric field's allowed values, the one table (spec/README.md lists it). The bounds catch
+# absurd or hostile values (an inf std, norm_eps=1e300, a 2**40 vocabulary), never a real model's:
+# every shipped preset, openmythos-1t included, lies well inside them. Cross-field rules (divisibility,
+# top_k <= n_experts, loop_embedding.dim <= dim) are in validate().
+RANGES: dict[str, Range] = {
+    "vocab_size": Range(2, 2**24),
+    "dim": Range(1, 2**16),
+    "max_seq_len": Range(1, 2**24),
+    "norm_eps": Range(0, 1, lo_open=True),
+    "rope_theta": Range(1, 1e12, lo_open=True),
+    "prelude_layers": Range(0, 1024),
+    "coda_layers": Range(0, 1024),
+    "dense_hidden": Range(1, 2**20),
+    "attention.n_heads": Range(1, 4096),
+    "attention.n_kv_heads": Range(1, 4096),
+    "attention.q_lora_rank": Range(1, 2**16),
+    "attention.kv_lora_rank": Range(1, 2**16),
+    "attention.qk_rope_head_dim": Range(1, 4096),
+    "attention.qk_nope_head_dim": Range(1, 4096),
+    "attention.v_head_dim": Range(1, 4096),
+    "recurrent.max_loop_iters": Range(1, 1024),
+    "recurrent.loop_embedding.dim": Range(2, 2**16),
+    "recurrent.loop_embedding.theta": Range(1, 1e12, lo_open=True),
+    "recurrent.lora_rank": Range(0, 4096),
+    "recurrent.cross_loop_attention.n_heads": Range(1, 4096),
+    "recurrent.compressor.chunk": Range(1, 2**24),
+    "recurrent.compressor.n_summaries": Range(1, 4096),
+    "recurrent.compressor.n_heads": Range(1, 4096),
+    "recurrent.memory_gate.forget_bias": Range(-100, 100),
+    "recurrent.memory_gate.input_bias": Range(-100, 100),
+    "moe.n_experts": Range(1, 2**16),
+    "moe.n_shared_experts": Range(0, 1024),
+    "moe.top_k": Range(1, 2**16),
+    "moe.expert_dim": Range(1, 2**20),
+    "moe.bias_update_rate": Range(0, 1),
+    "halting.threshold": Range(0, 1, lo_open=True),
+    "halting.mlp_hidden": Range(1, 2**20),
+    "loss.ponder": Range(0, 1000),
+    "loss.halting_entropy": Range(0, 1000),
+    "loss.consistency": Range(0, 1000),
+    "init.std": Range(0, 10, lo_open=True),
+}
+# Loop counts a caller may ask for (check_loops): up to max(MAX_LOOPS_FLOOR, MAX_LOOPS_FACTOR x
+# recurrent.max_loop_iters). Recurrent depth extrapolates past N_train, but not without bound.
+MAX_LOOPS_FACTOR = 4
+MAX_LOOPS_FLOOR = 256
 
 
 @dataclass(frozen=True)
@@ -205,7 +283,24 @@ def load(source: str | os.PathLike | Mapping | Spec, overrides: Mapping[str, obj
     Raises:
         SpecError: naming the field path, the value and what is allowed.
     """
-    raw = _raw(source)
+    return _build(_raw(source), overrides)
+
+
+def loads(text: str, overrides: Mapping[str, object] | None = None, *, where: str = "<yaml text>") -> Spec:
+    """A spec from YAML text only: never a preset name or a path (for specs stored inside files).
+
+    Args:
+        text: the spec as YAML (``dump(s)``).
+        where: what to call the text in error messages (``"m.safetensors: metadata spec"``).
+    Raises:
+        SpecError: not text, not a YAML mapping, or not a valid spec.
+    """
+    if not isinstance(text, str):
+        raise SpecError(f"{where}: a spec must be YAML text, got {type(text).__name__}")
+    return _build(_yaml(text, where), overrides)
+
+
+def _build(raw: dict, overrides: Mapping[str, object] | None) -> Spec:
     raw = _apply_overrides(raw, overrides or {})
     raw = _apply_semantics(raw)
     spec = _parse(Spec, raw, "")
@@ -214,15 +309,21 @@ def load(source: str | os.PathLike | Mapping | Spec, overrides: Mapping[str, obj
 
 
 def preset(name: str, overrides: Mapping[str, object] | None = None) -> Spec:
-    """Load a shipped preset by name (see ``preset_names()``)."""
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise SpecError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())}{_did_you_mean(name, preset_names())}")
-    return load(path, overrides)
+    """Load a shipped preset by name (see ``preset_names()``); a name, never a path."""
+    return load(_preset_path(name), overrides)
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if PRESET_NAME.fullmatch(p.stem))
+
+
+def _preset_path(name: object) -> Path:
+    names = preset_names()
+    if not isinstance(name, str) or not PRESET_NAME.fullmatch(name) or name not in names:
+        shape = "" if isinstance(name, str) and PRESET_NAME.fullmatch(name) else " (a preset name matches [a-z0-9][a-z0-9._-]*)"
+        raise SpecError(f"unknown preset {name!r}{shape}; shipped presets: {', '.join(names)}"
+                        f"{_did_you_mean(str(name), names)}")
+    return PRESET_DIR / f"{name}.yaml"
 
 
 def to_dict(spec: Spec) -> dict:
@@ -236,87 +337,219 @@ def dump(spec: Spec) -> str:
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``"attention.type=mla"`` -> ``("attention.type", "mla")``; the value is read as YAML."""
-    if "=" not in text:
-        raise SpecError(f"override {text!r} must look like field.path=value")
+    """``"attention.type=mla"`` -> ``("attention.type", "mla")``; the value is read as YAML.
+
+    Raises:
+        SpecError: no ``=``, a key that is not a dotted field path, or a value that is not valid YAML.
+    """
+    if not isinstance(text, str) or "=" not in text:
+        raise SpecError(f"override {_show(text)} must look like field.path=value (e.g. attention.type=mla)")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    key = key.strip()
+    if not FIELD_PATH.fullmatch(key):
+        raise SpecError(f"override {_show(text)}: {_show(key)} is not a field path; it must look like field.path=value "
+                        f"(dotted names, e.g. attention.n_heads=4)")
+    return key, safe_yaml(value, f"override {_show(text)}")
+
+
+def check_loops(s: Spec, n: object, *, what: str = "n_loops") -> int:
+    """``n`` as an int when it is a loop count this spec may run, else a SpecError naming ``what``.
+
+    Allowed: 1 <= n <= max(MAX_LOOPS_FLOOR, MAX_LOOPS_FACTOR * recurrent.max_loop_iters).
+    """
+    hi = max(MAX_LOOPS_FLOOR, MAX_LOOPS_FACTOR * s.recurrent.max_loop_iters)
+    return _check_count(n, 1, hi, f"{what}={_show(n)} must be an integer in [1, {hi}] (at most max({MAX_LOOPS_FLOOR}, "
+                                  f"{MAX_LOOPS_FACTOR} x recurrent.max_loop_iters={s.recurrent.max_loop_iters}))")
+
+
+def check_length(s: Spec, n: object, *, what: str = "length", minimum: int = 1) -> int:
+    """``n`` as an int when ``minimum <= n <= max_seq_len`` (a token count or a position), else a SpecError."""
+    return _check_count(n, minimum, s.max_seq_len,
+                        f"{what}={_show(n)} must be an integer in [{minimum}, {s.max_seq_len}] (max_seq_len={s.max_seq_len})")
+
+
+def _check_count(n: object, lo: int, hi: int, message: str) -> int:
+    if not _is_int(n) or not lo <= n <= hi:
+        raise SpecError(message)
+    return int(n)
+
+
+# --------------------------------------------------------------------------- reading YAML safely
 
 
 def _raw(source) -> dict:
     if isinstance(source, Spec):
         return to_dict(source)
     if isinstance(source, Mapping):
-        return _plain(source)
+        return _plain(source, "spec")
     if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
-        path = Path(source)
-        if not path.is_file():
-            raise SpecError(f"spec file {str(path)!r} does not exist")
-        return _yaml(path.read_text(), str(path))
+        return _yaml(read_text(source, "spec file"), str(source))
     if isinstance(source, str):
         if "\n" not in source and ":" not in source:
-            if (PRESET_DIR / f"{source}.yaml").is_file():
-                return _yaml((PRESET_DIR / f"{source}.yaml").read_text(), source)
+            if PRESET_NAME.fullmatch(source) and source in preset_names():
+                return _yaml(read_text(_preset_path(source), "preset"), source)
             raise SpecError(f"{source!r} is neither a preset ({', '.join(preset_names())}) nor a .yaml path{_did_you_mean(source, preset_names())}")
         return _yaml(source, "<yaml text>")
     raise SpecError(f"cannot load a spec from {type(source).__name__}; pass a preset name, a path, YAML text or a dict")
 
 
-def _yaml(text: str, where: str) -> dict:
+def read_text(path: str | os.PathLike, what: str = "spec file", limit: int = MAX_SPEC_BYTES) -> str:
+    """The UTF-8 text of a small file (at most ``limit`` bytes), or a SpecError saying what is wrong."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(text)
+        if path.is_dir():
+            raise SpecError(f"{what} {str(path)!r} is a directory, not a YAML file")
+        if not path.exists():
+            raise SpecError(f"{what} {str(path)!r} does not exist")
+        if not path.is_file():
+            raise SpecError(f"{what} {str(path)!r} is not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # never more, whatever the file claims
+    except SpecError:
+        raise
+    except (OSError, ValueError) as e:  # no permission, a name too long, a NUL byte in the path
+        raise SpecError(f"{what} {str(path)!r} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if len(data) > limit:
+        raise SpecError(f"{what} {str(path)!r} is larger than {limit} bytes; a spec is a few KB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as UTF-8") from None
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing anchors, aliases, merge keys and duplicate keys, with a nesting bound."""
+
+    def __init__(self, text: str, where: str):
+        super().__init__(text)
+        self.name = where  # marks in PyYAML's own messages name the file
+        self.depth = 0
+
+    def _fail(self, mark: yaml.Mark, message: str) -> None:
+        raise SpecError(f"{self.name}, line {mark.line + 1}: {message}")
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._fail(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in a spec; write the value out")
+        if getattr(event, "anchor", None) is not None:
+            self._fail(event.start_mark, f"YAML anchors (&{event.anchor}) are not allowed in a spec; write the value out")
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            self._fail(event.start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels; a spec is 3 levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self._fail(key_node.start_mark, "YAML merge keys (<<) are not allowed in a spec; write the fields out")
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error below says so
+                continue
+            if first is not None:
+                self._fail(key_node.start_mark, f"duplicate key {key!r} (first on line {first}); each field appears once")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_yaml(text: str, where: str) -> object:
+    """Any YAML value from text of at most MAX_SPEC_BYTES: no anchors, aliases, merge or duplicate keys,
+    at most MAX_YAML_DEPTH deep (safe tags only). Every failure is a SpecError naming ``where`` and the line."""
+    if not isinstance(text, str):
+        raise SpecError(f"{where}: expected YAML text, got {type(text).__name__}")
+    if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(f"{where}: {len(text)} characters is larger than {MAX_SPEC_BYTES} bytes; a spec is a few KB")
+    loader = None
+    try:
+        loader = _SpecLoader(text, where)  # the reader already refuses unprintable characters
+        return loader.get_single_data()
+    except SpecError:
+        raise
     except yaml.YAMLError as e:
         raise SpecError(f"{where}: not valid YAML: {e}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # e.g. an integer of 5000 digits
+        raise SpecError(f"{where}: not valid YAML: {type(e).__name__}: {str(e)[:200]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml(text: str, where: str) -> dict:
+    data = safe_yaml(text, where)
     if not isinstance(data, dict):
-        raise SpecError(f"{where}: a spec must be a YAML mapping, got {type(data).__name__}")
+        raise SpecError(f"{where}: a spec must be a YAML mapping of fields, got {type(data).__name__}")
     return data
 
 
-def _plain(m: Mapping) -> dict:
-    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in m.items()}
+def _plain(m: Mapping, where: str, depth: int = 0) -> dict:
+    if depth > MAX_YAML_DEPTH:
+        raise SpecError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels; a spec is 3 levels deep")
+    return {k: _plain(v, f"{where}.{k}", depth + 1) if isinstance(v, Mapping) else v for k, v in m.items()}
 
 
 def _apply_overrides(raw: dict, overrides: Mapping[str, object]) -> dict:
-    raw = _plain(raw)
+    raw = _plain(raw, "spec")
+    if not isinstance(overrides, Mapping):
+        raise SpecError(f"overrides must be a mapping of field.path -> value, got {type(overrides).__name__}")
     for path, value in overrides.items():
+        if not isinstance(path, str) or not FIELD_PATH.fullmatch(path):
+            raise SpecError(f"override {_show(path)}={_show(value)}: the key must be a dotted field path (e.g. attention.n_heads)")
         keys = path.split(".")
         node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+        for i, k in enumerate(keys[:-1]):
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
-                raise SpecError(f"override {path}: {k} is not a section")
-        node[keys[-1]] = _plain(value) if isinstance(value, Mapping) else value
+                raise SpecError(f"override {path}={_show(value)}: {'.'.join(keys[:i + 1])}={_show(node)} is a value, not a "
+                                f"section, so it has no field {keys[i + 1]!r}")
+        node[keys[-1]] = _plain(value, f"override {path}") if isinstance(value, Mapping) else value
     return raw
 
 
 def _apply_semantics(raw: dict) -> dict:
     sem = raw.get("semantics", "mythos")
-    if sem not in SEMANTICS:
-        raise SpecError(f"semantics={sem!r} is not allowed; allowed: {', '.join(SEMANTICS)}{_did_you_mean(str(sem), SEMANTICS)}")
+    if not isinstance(sem, str) or sem not in SEMANTICS:
+        raise SpecError(f"semantics={_show(sem)} is not allowed; allowed: {', '.join(SEMANTICS)}{_did_you_mean(str(sem)[:80], SEMANTICS)}")
     for path, want in SEMANTICS_FIXED[sem].items():
         *parents, leaf = path.split(".")
         node = raw
         for k in parents:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
-                break
+                break  # _parse reports the section that is not a mapping
         else:
             if leaf not in node:
                 node[leaf] = want
-            elif node[leaf] != want:
-                raise SpecError(f"{path}={node[leaf]!r} conflicts with semantics={sem} (which fixes it to {want!r})")
+            elif not _equal(node[leaf], want):
+                raise SpecError(f"{path}={_show(node[leaf])} conflicts with semantics={sem} (which fixes it to {want!r})")
     return raw
+
+
+def _equal(value: object, want: object) -> bool:
+    """``value == want`` for the plain values SEMANTICS_FIXED holds; False for anything else (an array)."""
+    if want is None or isinstance(want, (str, bool)):
+        return type(value) is type(want) and value == want
+    return _is_real(value) and float(value) == want
 
 
 def _parse(cls, raw: object, prefix: str):
     where = prefix.rstrip(".") or "spec"
     if not isinstance(raw, dict):
-        raise SpecError(f"{where} must be a mapping of fields, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+        raise SpecError(f"{where} must be a mapping of fields, got {raw!r}"[:300])
+    hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            raise SpecError(f"unknown field {prefix}{key}{_did_you_mean(str(key), names)}; fields of {where}: {', '.join(names)}")
+            raise SpecError(f"unknown field {prefix}{str(key)[:80]}{_did_you_mean(str(key)[:80], names)}; fields of {where}: {', '.join(names)}")
     values = {}
     for f in dataclasses.fields(cls):
         path = prefix + f.name
@@ -328,6 +561,27 @@ def _parse(cls, raw: object, prefix: str):
     return cls(**values)
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_int(v: object) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: object) -> bool:
+    """A Python or NumPy real number (integers included), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _show(value: object) -> str:
+    """``repr`` of a value for a message, cut short (a hostile spec may hold a megabyte string)."""
+    r = repr(value.item() if isinstance(value, np.generic) else value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _coerce(tp, value, path: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -337,26 +591,29 @@ def _coerce(tp, value, path: str):
         return None if value is None else _coerce(args[0], value, path)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise SpecError(f"{path}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}{_did_you_mean(str(value), [str(a) for a in allowed])}")
-        return value
+        if not isinstance(value, str) or value not in allowed:
+            raise SpecError(f"{path}={_show(value)} is not allowed; allowed: {', '.join(map(str, allowed))}{_did_you_mean(str(value)[:100], [str(a) for a in allowed])}")
+        return str(value)
     if tp is bool:
-        if not isinstance(value, bool):
-            raise SpecError(f"{path}={value!r} must be true or false")
-        return value
+        if not isinstance(value, (bool, np.bool_)):
+            raise SpecError(f"{path}={_show(value)} must be true or false")
+        return bool(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{path}={value!r} must be an integer")
-        return value
+        if not _is_int(value):
+            raise SpecError(f"{path}={_show(value)} must be an integer in {RANGES[path]}")
+        return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                raise SpecError(f"{path}={value!r} must be a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{path}={value!r} must be a number")
-        return float(value)
+                raise SpecError(f"{path}={_show(value)} must be a number in {RANGES[path]}") from None
+        if not _is_real(value):
+            raise SpecError(f"{path}={_show(value)} must be a number in {RANGES[path]}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise SpecError(f"{path}={_show(value)} must be a finite number in {RANGES[path]}") from None
     raise TypeError(f"unsupported spec field type {tp} at {path}")
 
 
@@ -369,35 +626,22 @@ def _did_you_mean(word: str, options) -> str:
 
 
 def validate(s: Spec) -> None:
-    """Cross-field rules; raise SpecError on the first violation."""
+    """Every field's type and range (RANGES), then the cross-field rules; SpecError on the first violation."""
+    _check_fields(s, "")
     a, r, m, h = s.attention, s.recurrent, s.moe, s.halting
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise SpecError(msg)
 
-    for path, v in [("vocab_size", s.vocab_size), ("dim", s.dim), ("max_seq_len", s.max_seq_len),
-                    ("attention.n_heads", a.n_heads), ("recurrent.max_loop_iters", r.max_loop_iters)]:
-        need(v >= 1, f"{path}={v} must be >= 1")
-    need(s.vocab_size >= 2, f"vocab_size={s.vocab_size} must be >= 2")
-    for path, v in [("prelude_layers", s.prelude_layers), ("coda_layers", s.coda_layers), ("recurrent.lora_rank", r.lora_rank)]:
-        need(v >= 0, f"{path}={v} must be >= 0")
-    need(s.norm_eps > 0, f"norm_eps={s.norm_eps} must be > 0")
-    need(s.rope_theta > 1, f"rope_theta={s.rope_theta} must be > 1")
-    need(s.init.std > 0, f"init.std={s.init.std} must be > 0")
-    need(s.dense_hidden is None or s.dense_hidden >= 1, f"dense_hidden={s.dense_hidden} must be >= 1 (or null for floor(4*dim/3))")
     if s.dense_hidden is None:
         need(s.ffn_hidden >= 1, f"dim={s.dim} gives dense_hidden=floor(4*dim/3)=0; set dense_hidden or a larger dim")
 
     if a.type == "gqa":
         need(s.dim % a.n_heads == 0, f"attention.n_heads={a.n_heads} must divide dim={s.dim}")
-        need(a.n_kv_heads >= 1, f"attention.n_kv_heads={a.n_kv_heads} must be >= 1")
         need(a.n_heads % a.n_kv_heads == 0, f"attention.n_kv_heads={a.n_kv_heads} must divide attention.n_heads={a.n_heads}")
         need(s.head_dim % 2 == 0, f"head dim = dim/attention.n_heads = {s.dim}/{a.n_heads} = {s.head_dim} must be even (RoPE rotates pairs)")
     else:
-        for name in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-            v = getattr(a, name)
-            need(v >= 1, f"attention.{name}={v} must be >= 1 for attention.type=mla")
         need(a.qk_rope_head_dim % 2 == 0, f"attention.qk_rope_head_dim={a.qk_rope_head_dim} must be even (RoPE rotates pairs)")
 
     le = r.loop_embedding
@@ -405,30 +649,37 @@ def validate(s: Spec) -> None:
         need(s.loop_dim >= 2 and s.loop_dim % 2 == 0,
              f"recurrent.loop_embedding.dim={s.loop_dim}{' (dim // 8)' if le.dim is None else ''} must be even and >= 2; set it explicitly or disable the loop embedding")
         need(s.loop_dim <= s.dim, f"recurrent.loop_embedding.dim={s.loop_dim} must be <= dim={s.dim}")
-        need(le.theta > 1, f"recurrent.loop_embedding.theta={le.theta} must be > 1")
 
     if r.ffn == "moe":
-        need(m.n_experts >= 1, f"moe.n_experts={m.n_experts} must be >= 1")
-        need(1 <= m.top_k <= m.n_experts, f"moe.top_k={m.top_k} must be between 1 and moe.n_experts={m.n_experts}")
-        need(m.n_shared_experts >= 0, f"moe.n_shared_experts={m.n_shared_experts} must be >= 0")
-        need(m.expert_dim >= 1, f"moe.expert_dim={m.expert_dim} must be >= 1")
-        need(m.bias_update_rate >= 0, f"moe.bias_update_rate={m.bias_update_rate} must be >= 0")
+        need(m.top_k <= m.n_experts, f"moe.top_k={m.top_k} must be between 1 and moe.n_experts={m.n_experts}")
 
     cl, cp = r.cross_loop_attention, r.compressor
     if cl.enabled:
-        need(cl.n_heads >= 1 and s.dim % cl.n_heads == 0,
-             f"recurrent.cross_loop_attention.n_heads={cl.n_heads} must be >= 1 and divide dim={s.dim}")
+        need(s.dim % cl.n_heads == 0, f"recurrent.cross_loop_attention.n_heads={cl.n_heads} must divide dim={s.dim}")
     if cp.enabled:
-        need(cp.n_heads >= 1 and s.dim % cp.n_heads == 0,
-             f"recurrent.compressor.n_heads={cp.n_heads} must be >= 1 and divide dim={s.dim}")
-        need(cp.chunk >= 1, f"recurrent.compressor.chunk={cp.chunk} must be >= 1")
-        need(cp.n_summaries >= 1, f"recurrent.compressor.n_summaries={cp.n_summaries} must be >= 1")
-    for path, v in [("loss.ponder", s.loss.ponder), ("loss.halting_entropy", s.loss.halting_entropy),
-                    ("loss.consistency", s.loss.consistency)]:
-        need(v >= 0, f"{path}={v} must be >= 0")
+        need(s.dim % cp.n_heads == 0, f"recurrent.compressor.n_heads={cp.n_heads} must divide dim={s.dim}")
     need(s.loss.consistency == 0 or s.value_head.enabled,
          f"loss.consistency={s.loss.consistency} needs value_head.enabled=true (the loss compares value-head outputs)")
 
-    need(0 < h.threshold <= 1, f"halting.threshold={h.threshold} must be in (0, 1]")
-    if h.head == "mlp":
-        need(h.mlp_hidden >= 1, f"halting.mlp_hidden={h.mlp_hidden} must be >= 1 for halting.head=mlp")
+
+def _check_fields(node: object, prefix: str) -> None:
+    """Each leaf of a Spec (also one built directly, not through load) has its type and lies in RANGES."""
+    for f in dataclasses.fields(node):
+        path, v, tp = prefix + f.name, getattr(node, f.name), _hints(type(node))[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, tp):
+                raise SpecError(f"{path} must be a {tp.__name__}, got {_show(v)}")
+            _check_fields(v, path + ".")
+            continue
+        if typing.get_origin(tp) in (types.UnionType, typing.Union):
+            if v is None:
+                continue
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp is int:
+            if not _is_int(v) or v not in RANGES[path]:
+                raise SpecError(f"{path}={_show(v)} must be an integer in {RANGES[path]}")
+        elif tp is float:
+            if not _is_real(v) or not math.isfinite(v) or v not in RANGES[path]:
+                raise SpecError(f"{path}={_show(v)} must be a finite number in {RANGES[path]}")
+        else:
+            _coerce(tp, v, path)  # bools and literals: the parse check, which raises with the field's message

@@ -19,7 +19,8 @@ import mythos_jax as mj
 import mythos_torch as mt
 import spec
 import weights_bridge as wb
-from weights_bridge import cli, fileformat
+from mythos import cli as mythos_cli
+from weights_bridge import convert as cli, fileformat
 from weights_bridge.fileformat import BridgeError
 
 DTYPES = ["float32", "float64", "bfloat16"]
@@ -108,7 +109,7 @@ def test_metadata_and_safetensors_compatibility(tmp_path):
         meta = f.metadata()
         names = list(f.keys())
         embed = f.get_tensor("embed.weight")
-    assert meta["format"] == "mythos-weights" and meta["format_version"] == "1" and meta["dtype"] == "bfloat16"
+    assert meta["format"] == "mythos-weights" and meta["format_version"] == "2" and meta["dtype"] == "bfloat16"
     assert spec.load(meta["spec"]) == s and meta["spec"] == spec.dump(s)
     assert sorted(json.loads(meta["sha256"])) == sorted(names)
     assert sorted(names) == sorted(p.path for p in spec.manifest(s))
@@ -214,10 +215,19 @@ def good_file(tmp_path) -> Path:
     return wb.write_file(tmp_path / "good.safetensors", tiny(), arrays_of(tiny(), "float32"), "float32")
 
 
+def reseal(header: dict) -> dict:
+    """Recompute header_sha256 after an edit, as a forger could: the checks behind the checksum still hold."""
+    meta = header.get("__metadata__")
+    if isinstance(meta, dict) and "header_sha256" in meta:
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        meta["header_sha256"] = json.dumps(fileformat.header_digests(meta, entries), sort_keys=True)
+    return header
+
+
 def forge(good: Path, edit) -> Path:
     header, data = split_file(good)
     data = edit(header, data)
-    return write_raw(good.with_name("forged.safetensors"), header, data)
+    return write_raw(good.with_name("forged.safetensors"), reseal(header), data)
 
 
 def _other_spec(h, d):
@@ -251,12 +261,12 @@ def _overlap(h, d):
 READ_CASES = {
     "foreign metadata": (lambda h, d: h.__setitem__("__metadata__", {"format": "pt"}) or d, "is not a Mythos weights file: metadata format='pt'"),
     "no metadata": (lambda h, d: h.pop("__metadata__") and d, "is not a Mythos weights file"),
-    "future version": (lambda h, d: h["__metadata__"].__setitem__("format_version", "2") or d, "format_version='2' is not supported"),
+    "future version": (lambda h, d: h["__metadata__"].__setitem__("format_version", "3") or d, "format_version='3' is not supported"),
     "bad dtype": (lambda h, d: h["__metadata__"].__setitem__("dtype", "int8") or d, "metadata dtype='int8'"),
     "invalid spec": (lambda h, d: h["__metadata__"].__setitem__("spec", "dim: -1\nvocab_size: 3\nmax_seq_len: 4\n") or d, "spec in the metadata is not valid"),
     "spec mismatch": (_other_spec, "embed.weight: shape (64, 32) but the spec says (64, 48)"),
     "missing tensor": (_drop_tensor, "norm.weight: missing from the file"),
-    "wrong dtype tag": (_retag, "norm.weight: dtype I32 is not one of ours"),
+    "wrong dtype tag": (_retag, "norm.weight: dtype int32 but a float32 model stores it as float32"),
     "corrupt data": (_flip_byte, "recurrent.act.halt.weight: checksum mismatch"),
     "overlapping ranges": (_overlap, "overlap or gap"),
 }
@@ -315,7 +325,7 @@ def test_convert_from_a_bad_file_writes_nothing(tmp_path, good_file):
     assert leftovers(tmp_path) == []
 
 
-# --------------------------------------------------------------------------- cli
+# --------------------------------------------------------------------------- convert and check
 
 
 def test_convert_recasts_our_file(tmp_path, good_file):
@@ -336,9 +346,10 @@ def test_progress_is_reported_per_tensor(tmp_path, good_file, monkeypatch):
     _, arrays, _ = wb.read_file(good_file, progress=lambda name, n: seen.append((name, n)))
     assert [n for n, _ in seen] == [p.path for p in spec.manifest(tiny())]
     assert [b for _, b in seen] == [a.nbytes for a in arrays.values()]
-    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 0)  # draw the rich bar even for a tiny file
+    monkeypatch.setattr(mythos_cli, "PROGRESS_MIN_BYTES", 0)  # draw the rich bar even for a tiny file
     out = io.StringIO()
-    res = cli.convert(good_file, tmp_path / "bf16.safetensors", dtype="bfloat16", console=Console(file=out, force_terminal=True))
+    bar = mythos_cli.progress_bar(Console(file=out, force_terminal=True))
+    res = cli.convert(good_file, tmp_path / "bf16.safetensors", dtype="bfloat16", progress=bar)
     assert res.dtype == "bfloat16" and "writing" in out.getvalue()
 
 
@@ -350,6 +361,28 @@ def test_check_compares_the_twins(tmp_path, backend):
     assert res.ok and res.loop_counts_equal and res.n_steps[0] == res.n_steps[1]
     print(f"check {backend}: max |dlogit| = {res.max_abs_diff:.3e}, mean {res.mean_abs_diff:.3e}")
     assert res.max_abs_diff <= 1e-12  # float64 twins on the tiny model agree to ~1e-16
+
+
+# --------------------------------------------------------------------------- the backend registry
+
+
+def test_backend_registry():
+    from weights_bridge import backends
+
+    assert backends.BACKENDS == ("torch", "jax") and backends.twin("torch") is mt and backends.twin("jax") is mj
+    assert [backends.other(b) for b in backends.BACKENDS] == ["jax", "torch"]
+    with pytest.raises(BridgeError, match="backend='mxnet' is not allowed; allowed: torch, jax"):
+        backends.twin("mxnet")
+    s = tiny()
+    models = {"torch": mt.build(s, seed=1, dtype="bfloat16"), "jax": mj.build(s, seed=1, dtype="bfloat16")}
+    assert {b: wb.backend_of(m) for b, m in models.items()} == {"torch": "torch", "jax": "jax"}
+    ids = np.arange(6).reshape(1, 6)
+    logits = {b: backends.to_numpy(backends.forward(b, m, ids, 2).logits) for b, m in models.items()}
+    for b, a in logits.items():  # the same exact NumPy type from both twins; widen is exact
+        assert a.dtype == ml_dtypes.bfloat16 and a.shape == (1, 6, s.vocab_size), b
+        assert backends.dtype_of(a) == "bfloat16" and backends.widen(a).dtype == np.float32
+        np.testing.assert_array_equal(backends.widen(a).astype(ml_dtypes.bfloat16), a)
+    assert backends.dtype_of(models["torch"].embed.weight) == "bfloat16"
 
 
 # --------------------------------------------------------------------------- hygiene

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Mapping
 
 import ml_dtypes
 import numpy as np
-import yaml
 
 import spec as spec_lib
 
@@ -127,12 +126,15 @@ def spec_from_config(config: object) -> spec_lib.Spec:
         if name in VARIANTS or name in VARIANTS.values():
             return spec_lib.preset(VARIANTS.get(name, name))
         path = Path(config)
-        if not path.is_file():
+        if not path.exists():
             raise BridgeError(f"config {name!r} is neither an open-mythos variant ({', '.join(VARIANTS)}) nor a file")
-        try:
-            fields = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise BridgeError(f"config file {path}: cannot parse it: {e}") from None
+        try:  # bounded UTF-8 text; YAML without anchors, aliases or duplicate keys (spec.safe_yaml)
+            text = spec_lib.read_text(path, "config file")
+            fields = json.loads(text) if path.suffix == ".json" else spec_lib.safe_yaml(text, f"config file {path}")
+        except spec_lib.SpecError as e:
+            raise BridgeError(str(e)) from None
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+            raise BridgeError(f"config file {path}: cannot parse it as JSON: {str(e)[:200]}") from None
         if not isinstance(fields, dict):
             raise BridgeError(f"config file {path}: expected a mapping of MythosConfig fields")
         return _spec_from_fields(fields, str(path))
@@ -146,7 +148,7 @@ def spec_from_config(config: object) -> spec_lib.Spec:
 def _spec_from_fields(fields: dict, where: str) -> spec_lib.Spec:
     unknown = [k for k in fields if k not in CONFIG_MAP]
     if unknown:
-        hints = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, list(CONFIG_MAP), n=1)))
+        hints = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(str(k), list(CONFIG_MAP), n=1)))
         raise BridgeError(f"{where}: unknown MythosConfig field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                           f"(open-mythos 0.5.0 has: {', '.join(CONFIG_MAP)}){hints}")
     cfg = {**CONFIG_DEFAULTS, **fields}
@@ -226,6 +228,48 @@ def open_mythos_names(s: spec_lib.Spec) -> dict[str, tuple[str | None, int | Non
     out["freqs_cis"] = (None, None, (s.max_seq_len, gqa_head // 2))
     out["freqs_cis_mla"] = (None, None, (s.max_seq_len, s.attention.qk_rope_head_dim // 2))
     return out
+
+
+CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")  # checkpoints that wrap the state dict
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+    """An open-mythos state dict from a ``.pt`` file: tensors only, never code.
+
+    Read with ``torch.load(weights_only=True)``; a file holding anything that would need unpickling
+    arbitrary Python objects is refused, with our reason and what to do instead (never a hint to
+    switch the check off). A dict wrapping the state dict under one of CONTAINER_KEYS is unwrapped.
+
+    Raises:
+        BridgeError: a missing path, a directory, a corrupt or foreign file, a refused object, or a
+            value that is not a mapping of tensors.
+    """
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise BridgeError(f"{path} is a directory, not a torch checkpoint (give the .pt file inside it)")
+    if not path.is_file():
+        raise BridgeError(f"{path}: no such file" if not path.exists() else f"{path} is not a regular file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler's refusal, a truncated zip, a foreign file
+        if type(e).__name__ == "UnpicklingError":  # pickle.UnpicklingError, without importing pickle here
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f" (it names {found.group(1)})" if found else ""
+            raise BridgeError(
+                f"{path}: refused: it holds Python objects, not only tensors{what}, and loading it would run code "
+                f"stored in the file. Only plain state dicts are read. If you trust the file, load it in a separate, "
+                f"trusted environment, save model.state_dict() (tensors only) with torch.save, and convert that file") from None
+        reason = str(e).split(". ")[0][:200]
+        raise BridgeError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {reason})") from None
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)]
+        if len(inner) == 1:
+            obj = obj[inner[0]]
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise BridgeError(f"{path}: expected a state dict (names -> tensors), or one under {', '.join(CONTAINER_KEYS)}")
+    return dict(obj)
 
 
 def to_numpy(t: object) -> np.ndarray:
