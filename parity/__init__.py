@@ -5,24 +5,25 @@
     >>> report.passed
     >>> parity.render(report)
 
-The twins are imported on first use, so `import parity` (and the `mythos` CLI) stays cheap.
+The twins are imported on first use, so `import parity` stays cheap. The `mythos parity` command is mythos/cli.py.
 """
 
 from .compare import (
     ADVERSARIAL_KINDS,
     DTYPES,
-    TOLERANCES,
     Outputs,
     ParityInputError,
     Tolerances,
     adversarial_weights,
     compare,
+    derive_tolerances,
+    probe_weights,
     make_ids,
     set_parity_precision,
 )
-from .report import NearTie, ParityReport, Row, render, table
+from .report import Excusal, NearTie, ParityReport, Row, render, table
 
 __all__ = [
-    "compare", "adversarial_weights", "make_ids", "set_parity_precision", "Tolerances", "TOLERANCES", "DTYPES",
-    "ADVERSARIAL_KINDS", "ParityInputError", "Outputs", "ParityReport", "Row", "NearTie", "render", "table",
+    "compare", "adversarial_weights", "probe_weights", "derive_tolerances", "make_ids", "set_parity_precision", "Tolerances", "DTYPES",
+    "ADVERSARIAL_KINDS", "ParityInputError", "Outputs", "ParityReport", "Row", "NearTie", "Excusal", "render", "table",
 ]

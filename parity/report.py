@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from weights_bridge.atomic import atomic_write
 
 # Row statuses. Only FAIL makes a report fail; "diverged" marks continuous outputs that differ
 # because a near tie sent the twins down different branches (the replay compares them instead).
@@ -49,6 +51,26 @@ class NearTie:
     margin: float  # the reference twin's margin at this decision
     reference: str  # what the reference decided ("halt", "continue", "experts [0, 2]")
     other: str  # what the other twin decided
+    phase: str = "run"  # found in the free run, or in replay round r ("replay r")
+
+
+@dataclass
+class Excusal:
+    """A disagreement of the free run that is not a near tie itself, with the forced near tie it follows from.
+
+    It vanished once the near ties were forced (each twin deciding everything else by its own rule),
+    and `tie_*` names a forced near tie that can reach it through `chain`.
+    """
+
+    kind: str  # "halting" | "routing": the excused decision
+    step: int
+    batch: int
+    position: int
+    tie_kind: str  # the near tie it descends from
+    tie_step: int
+    tie_batch: int
+    tie_position: int
+    chain: str  # how the tie reaches it
 
 
 @dataclass
@@ -67,8 +89,12 @@ class ParityReport:
     tolerances: dict[str, float]
     rows: list[Row] = field(default_factory=list)
     near_ties: list[NearTie] = field(default_factory=list)
-    downstream: int = 0  # disagreements caused by an earlier near tie (same batch row, not before it)
+    excused: list[Excusal] = field(default_factory=list)  # free-run disagreements that follow from near ties
     replayed: bool = False
+    rounds: int = 0  # replay rounds run (each forces the near ties found so far)
+    weights: str = "probe"  # "probe" | "init" | "custom"
+    strict: bool = False  # float64 under mythos semantics: every decision must match, near ties excuse nothing
+    reverse: ParityReport | None = None  # the same check with the other twin as the reference
     failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     # numpy outputs of each run ("torch", "jax", "torch/replay", "jax/replay"); not serialised
@@ -76,7 +102,17 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and (self.reverse is None or self.reverse.passed)
+
+    @property
+    def downstream(self) -> int:
+        """Disagreements excused as following from a forced near tie."""
+        return len(self.excused)
+
+    def all_failures(self) -> list[str]:
+        """The failures of both directions, the reverse ones labelled with their reference."""
+        rev = [] if self.reverse is None else [f"[{self.reverse.reference} as reference] {f}" for f in self.reverse.failures]
+        return [*self.failures, *rev]
 
     def row(self, output: str, phase: str = "run") -> Row:
         """The row for `output` in `phase`; KeyError names the rows that exist."""
@@ -89,8 +125,10 @@ class ParityReport:
         return any(r.output == output and r.phase == phase for r in self.rows)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "outputs"}
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in ("outputs", "reverse")}
         d["passed"] = self.passed
+        d["downstream"] = self.downstream
+        d["reverse"] = None if self.reverse is None else self.reverse.to_dict()
         return _finite(d)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -98,10 +136,18 @@ class ParityReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the JSON report atomically (a reader never sees half a file)."""
+        atomic_write(path, (self.to_json() + "\n").encode())
 
     def render(self, console: Console | None = None) -> None:
         render(self, console)
+
+
+def _plain(x):
+    """Dataclasses (rows, ties) as dicts, lists of them as lists; anything else as is."""
+    if isinstance(x, list):
+        return [asdict(v) if hasattr(v, "__dataclass_fields__") else v for v in x]
+    return x
 
 
 def _finite(x):
@@ -161,32 +207,55 @@ def table(report: ParityReport, phase: str = "run") -> Table:
 
 
 def render(report: ParityReport, console: Console | None = None, max_ties: int = 8) -> None:
-    """Print the tables, the near ties (at most `max_ties`), the failures and a PASS/FAIL line."""
+    """Print the tables, the near ties and excusals (at most `max_ties` each), the bounds, both directions'
+    failures and a PASS/FAIL line."""
     console = console or Console()
-    console.print(table(report, "run"))
-    if report.replayed:
-        console.print(table(report, "replay"))
-    if report.near_ties:
-        console.print(f"near ties ({len(report.near_ties)}; margin = the {report.reference} twin's, "
-                      f"below tolerance {_tie_tols(report)}):")
-        for nt in report.near_ties[:max_ties]:
-            console.print(escape(f"  {nt.kind:8s} step {nt.step} batch {nt.batch} position {nt.position}: margin {nt.margin:.2e}; "
-                                 f"{report.reference} {nt.reference}, {report.other} {nt.other}"))
-        if len(report.near_ties) > max_ties:
-            console.print(f"  ... and {len(report.near_ties) - max_ties} more (see --json)")
-    if report.downstream:
-        console.print(f"  {report.downstream} later disagreement(s) follow from these near ties (same batch row, "
-                      "at or after them); the replay checks the continuous outputs")
-    for f in report.failures:
-        console.print(f"[red]  - {escape(f)}[/red]")
+    _render_direction(report, console, max_ties)
+    if report.reverse is not None:
+        rev = report.reverse
+        console.print(f"reverse direction ({rev.reference} as reference): "
+                      + ("[green]agrees[/green]" if rev.passed else f"[bold red]{len(rev.failures)} failure(s)[/]")
+                      + (f", {len(rev.near_ties)} near tie(s), {len(rev.excused)} excused" if rev.near_ties else ""))
+        if not rev.passed:
+            _render_direction(rev, console, max_ties, tables=True)
     secs = sum(report.timings.values())
+    n_fail = len(report.all_failures())
     if report.passed:
-        ties = f", {len(report.near_ties)} near tie(s) replayed" if report.near_ties else ""
+        ties = f", {len(report.near_ties)} near tie(s) forced in replay" if report.near_ties else ""
         console.print(f"[bold green]PASS[/bold green]: the twins agree{ties} ({secs:.1f} s)")
     else:
-        console.print(f"[bold red]FAIL[/bold red]: {len(report.failures)} failure(s) ({secs:.1f} s)")
+        console.print(f"[bold red]FAIL[/bold red]: {n_fail} failure(s) ({secs:.1f} s)")
+
+
+def _render_direction(report: ParityReport, console: Console, max_ties: int, tables: bool = True) -> None:
+    if tables:
+        console.print(table(report, "run"))
+        if report.replayed:
+            console.print(table(report, "replay"))
+    how = report.tolerances.get("how", "")
+    console.print(escape(f"weights: {report.weights}; bounds: {how}"), style="dim")
+    if report.strict:
+        console.print("float64 under mythos semantics: every decision must match (near ties excuse nothing)", style="dim")
+    if report.near_ties:
+        console.print(f"near ties ({len(report.near_ties)}; margin = the {report.reference} twin's, "
+                      f"below the bound {_tie_tols(report)}):")
+        for nt in report.near_ties[:max_ties]:
+            console.print(escape(f"  {nt.kind:8s} step {nt.step} batch {nt.batch} position {nt.position}: margin "
+                                 f"{nt.margin:.2e}; {report.reference} {nt.reference}, {report.other} {nt.other} "
+                                 f"[{nt.phase}]"))
+        if len(report.near_ties) > max_ties:
+            console.print(f"  ... and {len(report.near_ties) - max_ties} more (see --json)")
+    if report.excused:
+        console.print(f"excused ({len(report.excused)}: gone once the near ties were forced, each reached by one):")
+        for ex in report.excused[:max_ties]:
+            console.print(escape(f"  {ex.kind:8s} step {ex.step} batch {ex.batch} position {ex.position} <- "
+                                 f"{ex.tie_kind} tie step {ex.tie_step} position {ex.tie_position} ({ex.chain})"))
+        if len(report.excused) > max_ties:
+            console.print(f"  ... and {len(report.excused) - max_ties} more (see --json)")
+    for f in report.failures:
+        console.print(f"[red]  - {escape(f)}[/red]")
 
 
 def _tie_tols(report: ParityReport) -> str:
     t = report.tolerances
-    return f"halting {t.get('near_tie_halting', float('nan')):.0e}, routing {t.get('near_tie_routing', float('nan')):.0e}"
+    return f"halting {t.get('near_tie_halting', float('nan')):.1e}, routing {t.get('near_tie_routing', float('nan')):.1e}"
