@@ -221,20 +221,22 @@ def test_plain_initial_weights_remain_available():
 # --------------------------------------------------------------------------- sizes from the issue (slow)
 
 
-SWEEP = [
-    ("dim 768, T 1024, 24 loops", {"dim": 768, "attention.n_heads": 12, "attention.n_kv_heads": 4,
-                                   "recurrent.max_loop_iters": 24, "max_seq_len": 1024}, "float32", 1, 1024),
-    ("1B widths, MLA", {"dim": 2048, "attention.type": "mla", "attention.n_heads": 16,
-                        "recurrent.max_loop_iters": 16}, "float32", 1, 64),
-    ("openmythos-0.5 float64, dim 256, T 256, 12 loops",
+SWEEP = [  # (name, base preset, overrides, dtype, batch, seq)
+    ("dim 768, T 1024, 24 loops", "tiny", {"dim": 768, "attention.n_heads": 12, "attention.n_kv_heads": 4,
+                                           "recurrent.max_loop_iters": 24, "max_seq_len": 1024}, "float32", 1, 1024),
+    ("open-mythos 1B widths, MLA, 16 loops", "openmythos-1b",
+     {"semantics": "mythos", "vocab_size": 4096, "max_seq_len": 256, "moe.n_experts": 8}, "float32", 1, 64),
+    ("openmythos-0.5 float64, dim 256, T 256, 12 loops", "tiny",
      {"semantics": "openmythos-0.5", "dim": 256, "recurrent.max_loop_iters": 12, "max_seq_len": 256}, "float64", 1, 256),
-    ("bf16 dim 512, 12 loops", {"dim": 512, "recurrent.max_loop_iters": 12}, "bfloat16", 2, 32),
+    ("openmythos-0.5 float64 at 1B widths", "openmythos-1b",
+     {"vocab_size": 4096, "max_seq_len": 256, "moe.n_experts": 8}, "float64", 1, 64),
+    ("bf16 dim 512, 12 loops", "tiny", {"dim": 512, "recurrent.max_loop_iters": 12}, "bfloat16", 2, 32),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,overrides,dtype,batch,seq", SWEEP, ids=[s[0] for s in SWEEP])
-def test_correct_twins_pass_at_realistic_sizes(name, overrides, dtype, batch, seq):
-    s = S.load("tiny", overrides=overrides)
+@pytest.mark.parametrize("name,base,overrides,dtype,batch,seq", SWEEP, ids=[s[0] for s in SWEEP])
+def test_correct_twins_pass_at_realistic_sizes(name, base, overrides, dtype, batch, seq):
+    s = S.load(base, overrides=overrides)
     r = parity.compare(s, dtype=dtype, batch=batch, seq=seq, n_loops=s.recurrent.max_loop_iters)
     assert r.passed, shown(r)
