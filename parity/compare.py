@@ -36,18 +36,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 import spec as S
-from weights_bridge import backends
+from weights_bridge import backends as registry
 
 from .probe import calibrate_halting, perturbed_arrays, probe_loops
 from .report import DIVERGED, FAIL, NA, NEAR_TIE, OK, Excusal, NearTie, ParityReport, Row
 
 DTYPES = ("float64", "float32", "bfloat16")
-TWINS = backends.BACKENDS
+TWINS = registry.BACKENDS
 WEIGHTS = ("probe", "init")
 ADVERSARIAL_KINDS = ("zero_router", "halt_at_once", "never_halt", "at_threshold")
 TRACE_FIELDS = ("state_norm", "halt_p", "cum_p", "running", "expert_idx", "router_margin")
@@ -167,9 +167,9 @@ def probe_weights(spec: S.Spec | str, seed: int = 0, ids: np.ndarray | None = No
     ids = make_ids(s, 2, 16, seed) if ids is None else np.asarray(ids, dtype=np.int64)
     N = probe_loops(s) if n_loops is None else n_loops
     arrays = perturbed_arrays(s, seed)
-    backends.enable_float64("torch")
-    model = backends.twin("torch").build(s, seed=seed, dtype="float64", weights=arrays)
-    p = backends.to_numpy(backends.forward("torch", model, ids, N, early_exit=False).traces.halt_p)
+    registry.enable_float64("torch")
+    model = registry.twin("torch").build(s, seed=seed, dtype="float64", weights=arrays)
+    p = registry.to_numpy(registry.forward("torch", model, ids, N, early_exit=False).traces.halt_p)
     p = np.clip(p.astype(np.float64), 1e-300, 1 - 1e-16)
     return calibrate_halting(s, arrays, np.log(p) - np.log1p(-p))
 
@@ -180,11 +180,11 @@ def probe_weights(spec: S.Spec | str, seed: int = 0, ids: np.ndarray | None = No
 def set_parity_precision() -> None:
     """Both twins' parity switches: float32 matmuls, TF32 off, JAX float64 on (global, idempotent)."""
     for name in TWINS:
-        backends.enable_float64(name)
+        registry.enable_float64(name)
 
 
 def _np(x) -> np.ndarray:
-    return backends.widen(backends.to_numpy(x))
+    return registry.widen(registry.to_numpy(x))
 
 
 def _outputs(out) -> Outputs:
@@ -207,15 +207,15 @@ def _outputs(out) -> Outputs:
 def _forward(name: str, model, ids: np.ndarray, n_loops: int,
              force_halt: np.ndarray | None = None, force_experts: np.ndarray | None = None) -> Outputs:
     def arg(a):
-        return None if a is None else backends.from_numpy(name, np.ascontiguousarray(a, dtype=np.int64))
+        return None if a is None else registry.from_numpy(name, np.ascontiguousarray(a, dtype=np.int64))
 
-    out = backends.forward(name, model, ids, n_loops, early_exit=True, force_halt=arg(force_halt),
+    out = registry.forward(name, model, ids, n_loops, early_exit=True, force_halt=arg(force_halt),
                            force_experts=arg(force_experts))
     return _outputs(out)
 
 
 def _dump(name: str, model) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v).astype(np.float64) for k, v in backends.twin(name).dump_arrays(model).items()}
+    return {k: np.asarray(v).astype(np.float64) for k, v in registry.twin(name).dump_arrays(model).items()}
 
 
 def _forced_all(o: Outputs) -> tuple[np.ndarray, np.ndarray | None]:
@@ -615,10 +615,9 @@ def _replay_rows(spec: S.Spec, N: int, R0: Outputs, R: Outputs, O: Outputs, tol:
 
 
 def _direction(spec: S.Spec, N: int, dtype: str, models: dict, ids: np.ndarray, free: dict[str, Outputs],
-               reference: str, tol: Tolerances, strict: bool, replay: bool | None, report: ParityReport,
+               reference: str, other: str, tol: Tolerances, strict: bool, replay: bool | None, report: ParityReport,
                timed: Callable) -> None:
-    """The verdict with `reference` as the reference twin, into `report`."""
-    other = backends.other(reference)
+    """The verdict of `other` against `reference`, into `report`."""
     R, O = free[reference], free[other]
     v = _Verdict(spec, N, tol, strict, report)
     d = _diff(R, O, N)
@@ -733,13 +732,19 @@ def _load_spec(spec: S.Spec | str) -> S.Spec:
 
 
 def _check_inputs(s: S.Spec, dtype: str, batch: int, seq: int, n_loops: int | None, ids, reference: str,
-                  weights) -> None:
+                  weights, names: tuple[str, ...]) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ParityInputError(msg)
 
     need(dtype in DTYPES, f"dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
-    need(reference in TWINS, f"reference={reference!r} is not allowed; allowed: {', '.join(TWINS)}")
+    every = registry.ALL_BACKENDS
+    need(len(names) >= 2 and len(set(names)) == len(names) and all(n in every for n in names),
+         f"backends={','.join(map(str, names))!r} is not allowed: name at least two different ones of {', '.join(every)}")
+    need(reference in names, f"reference={reference!r} is not allowed; allowed: {', '.join(names)}")
+    for n in names:
+        need(dtype in registry.dtypes_of(n), f"dtype={dtype!r} is not supported by the {n} backend; it runs "
+                                            f"{', '.join(registry.dtypes_of(n))}")
     need(n_loops is None or (isinstance(n_loops, (int, np.integer)) and n_loops >= 1), f"n_loops={n_loops} must be an integer >= 1")
     need(isinstance(weights, dict) or weights in WEIGHTS,
          f"weights={weights!r} is not allowed; allowed: {', '.join(WEIGHTS)} or a dict of manifest arrays")
@@ -759,7 +764,7 @@ def _check_inputs(s: S.Spec, dtype: str, batch: int, seq: int, n_loops: int | No
 def compare(spec: S.Spec | str, seed: int = 0, dtype: str = "float64", batch: int = 2, seq: int = 16,
             n_loops: int | None = None, ids: np.ndarray | None = None,
             weights: str | dict[str, np.ndarray] = "probe", reference: str = "torch", *,
-            both_directions: bool = True, allow_near_ties: bool | None = None, allow_nonfinite: bool = False,
+            backends: Sequence[str] = TWINS, both_directions: bool = True, allow_near_ties: bool | None = None, allow_nonfinite: bool = False,
             replay: bool | None = None, progress: Callable[[str], None] | None = None) -> ParityReport:
     """Build both twins from the same weights, run them on the same tokens, compare every output.
 
@@ -774,8 +779,11 @@ def compare(spec: S.Spec | str, seed: int = 0, dtype: str = "float64", batch: in
         ids: (B, T) int token ids; default `make_ids(spec, batch, seq, seed)` (contains 0 and V-1).
         weights: "probe" (default: every parameter off its structured init, parity/probe.py), "init"
             (spec.init_arrays), or manifest arrays (torch layout, keyed by manifest path).
-        reference: the twin whose decisions are the reference in the main direction ("torch" | "jax").
-        both_directions: also check with the other twin as the reference (`report.reverse`); both must pass.
+        reference: the backend whose decisions are the reference in the main direction ("torch" | "jax" | "onnx").
+        backends: the backends to compare, at least two: the twins ("torch", "jax") and runtimes ("onnx",
+            the torch twin's exported graph in ONNX Runtime); each other one is checked against the reference.
+        both_directions: also check each pair with the other backend as the reference (`report.reverse` for
+            the first, `report.pairs` for the rest); every check must pass.
         allow_near_ties: let near ties excuse decisions in float64 under mythos semantics too
             (None: only below float64 or under openmythos-0.5).
         allow_nonfinite: compare NaN/inf patterns instead of failing on them.
@@ -789,7 +797,9 @@ def compare(spec: S.Spec | str, seed: int = 0, dtype: str = "float64", batch: in
         spec.SpecError: a spec that does not load.
     """
     s = _load_spec(spec)
-    _check_inputs(s, dtype, batch, seq, n_loops, ids, reference, weights)
+    names = tuple(backends)
+    _check_inputs(s, dtype, batch, seq, n_loops, ids, reference, weights, names)
+    others = [n for n in names if n != reference]
     say = progress or (lambda msg: None)
     probe = isinstance(weights, str) and weights == "probe"
     N = int(n_loops) if n_loops is not None else (probe_loops(s) if probe else s.recurrent.max_loop_iters)
@@ -812,18 +822,20 @@ def compare(spec: S.Spec | str, seed: int = 0, dtype: str = "float64", batch: in
     else:
         arrays = S.init_arrays(s, seed) if isinstance(weights, str) else weights
     models = {name: timed(f"build {name}", f"building the {name} twin ({dtype})",
-                          lambda name=name: backends.twin(name).build(s, seed=seed, dtype=dtype, weights=arrays))
-              for name in TWINS}
-    msg = {"torch": "running the torch twin", "jax": "compiling and running the jax twin"}
-    free = {name: timed(f"run {name}", msg[name], lambda name=name: _forward(name, models[name], ids, N)) for name in TWINS}
+                          lambda name=name: registry.twin(name).build(s, seed=seed, dtype=dtype, weights=arrays))
+              for name in names}
+    msg = {"torch": "running the torch twin", "jax": "compiling and running the jax twin",
+           "onnx": "exporting the torch twin and running it in ONNX Runtime"}
+    free = {name: timed(f"run {name}", msg.get(name, f"running {name}"), lambda name=name: _forward(name, models[name], ids, N))
+            for name in names}
 
     # the rounding noise of each twin: its distance to a more precise run of itself (same decisions)
     anchor = "float64" if dtype != "float64" else ("float32" if s.semantics != "mythos" else None)
     anchors: dict[str, Outputs] = {}
-    noise: dict[str, dict[str, float] | None] = {name: None for name in TWINS}
-    for name in (TWINS if anchor else ()):
+    noise: dict[str, dict[str, float] | None] = {name: None for name in names}
+    for name in (names if anchor else ()):
         def run_anchor(name=name):
-            m = backends.twin(name).build(s, seed=seed, dtype=anchor, weights=arrays)
+            m = registry.twin(name).build(s, seed=seed, dtype=anchor, weights=arrays)
             a = _forward(name, m, ids, N)
             same = not _diff(free[name], a, N).any() and np.array_equal(free[name].traces["expert_idx"],
                                                                        a.traces["expert_idx"])
@@ -834,49 +846,50 @@ def compare(spec: S.Spec | str, seed: int = 0, dtype: str = "float64", batch: in
     # (lower expert index, >= at the threshold) are asked there, where rounding cannot excuse them
     anchor_failures = []
     if anchor == "float64" and s.semantics == "mythos" and not allow_near_ties:
-        anchor_failures = _anchor_decisions(anchors, N)
+        anchor_failures = [f for o in others for f in _anchor_decisions(anchors, reference, o, N)]
 
-    directions = [reference] + ([backends.other(reference)] if both_directions else [])
+    # each other backend against the reference, then (both directions) the reference against each
+    pairs = [(reference, o) for o in others] + ([(o, reference) for o in others] if both_directions else [])
     reports = []
-    for ref in directions:
-        oth = backends.other(ref)
+    for ref, oth in pairs:
         tol = derive_tolerances(s, dtype, free[ref], noise[ref], anchor or "float64")
         rep = ParityReport(spec=label, dtype=dtype, seed=seed, batch=ids.shape[0], seq=ids.shape[1], n_loops=N,
                            reference=ref, other=oth, threshold=s.halting.threshold, tolerances=asdict(tol),
                            weights=weights if isinstance(weights, str) else "custom", strict=strict)
         _weights_row(models, ref, oth, rep)
-        failures = [f for name in TWINS for f in _nonfinite(name, free[name])] if not allow_nonfinite else []
+        failures = [f for name in (ref, oth) for f in _nonfinite(name, free[name])] if not allow_nonfinite else []
         rep.failures.extend(failures + anchor_failures)
         rep.outputs.update(free)
         rep.outputs.update({f"{name}/{anchor}": o for name, o in anchors.items()})
-        _direction(s, N, dtype, models, ids, free, ref, tol, strict, replay, rep, timed)
+        _direction(s, N, dtype, models, ids, free, ref, oth, tol, strict, replay, rep, timed)
         reports.append(rep)
     main = reports[0]
     main.timings = timings
-    if len(reports) > 1:
-        main.reverse = reports[1]
+    if both_directions:
+        main.reverse = reports[len(others)]  # the first other backend as the reference
+    main.pairs = [r for r in reports[1:] if r is not main.reverse]
     return main
 
 
-def _anchor_decisions(anchors: dict[str, Outputs], N: int) -> list[str]:
-    """Failures where the twins' free float64 runs decide differently (any margin: float64 is exact)."""
-    T, J = anchors["torch"], anchors["jax"]
+def _anchor_decisions(anchors: dict[str, Outputs], a: str, b: str, N: int) -> list[str]:
+    """Failures where two backends' free float64 runs decide differently (any margin: float64 is exact)."""
+    T, J = anchors[a], anchors[b]
     d = _diff(T, J, N)
     out = []
     if d.route.any():
         t, b, j = _where(d.route)[0]
-        out.append(f"float64 decisions: {int(d.route.sum())} expert choice(s) differ between the twins' float64 runs "
+        out.append(f"float64 decisions: {int(d.route.sum())} expert choice(s) differ between the float64 runs of {a} and {b} "
                    f"(first: step {t + 1} batch {b} position {j}, margin {T.traces['router_margin'][t, b, j]:.3e}: "
                    f"{T.traces['expert_idx'][t, b, j].tolist()} vs {J.traces['expert_idx'][t, b, j].tolist()}); ties "
                    "go to the lower expert index in both")
     if d.halt.any() or d.incoherent.any() or d.steps:
         bad = d.halt | d.incoherent
         b, j = _where(bad)[0] if bad.any() else (0, 0)
-        out.append(f"float64 decisions: {int(bad.sum())} loop count(s) differ between the twins' float64 runs "
+        out.append(f"float64 decisions: {int(bad.sum())} loop count(s) differ between the float64 runs of {a} and {b} "
                    f"(first: batch {b} position {j}: {T.loop_counts[b, j]} vs {J.loop_counts[b, j]}; n_steps "
                    f"{T.n_steps} vs {J.n_steps}); a position halts when c + p >= threshold in both")
     if d.swaps:
-        out.append(f"float64 decisions: {d.swaps} slot-order swap(s) between the twins' float64 runs")
+        out.append(f"float64 decisions: {d.swaps} slot-order swap(s) between the float64 runs of {a} and {b}")
     return out
 
 
@@ -893,3 +906,18 @@ def _weights_row(models: dict, ref: str, oth: str, report: ParityReport) -> None
     if not ok:
         report.failures.append(f"weights: the twins hold different weights after build (max abs {wdiff:.3e}"
                                f"{', keys only in one twin: ' + ', '.join(missing[:5]) if missing else ''})")
+
+
+# --------------------------------------------------------------------------- for parity.golden and parity.plugin
+
+
+def forward_outputs(backend: str, model, ids: np.ndarray, n_loops: int, force_halt: np.ndarray | None = None,
+                    force_experts: np.ndarray | None = None) -> Outputs:
+    """One forward of a built `backend` model as compare runs it (early exit; -1 in the forcing: not forced)."""
+    return _forward(backend, model, ids, n_loops, force_halt, force_experts)
+
+
+def rounding_noise(o: Outputs, anchor: Outputs) -> dict[str, float]:
+    """Per continuous output (report names): max |o - anchor| (state_norm: relative), anchor a more precise run
+    of the same weights with o's decisions (the `noise` of derive_tolerances)."""
+    return _noise(o, anchor)

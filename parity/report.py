@@ -95,6 +95,7 @@ class ParityReport:
     weights: str = "probe"  # "probe" | "init" | "custom"
     strict: bool = False  # float64 under mythos semantics: every decision must match, near ties excuse nothing
     reverse: ParityReport | None = None  # the same check with the other twin as the reference
+    pairs: list[ParityReport] = field(default_factory=list)  # more backends: each other pair checked (compare(backends=...))
     failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     # numpy outputs of each run ("torch", "jax", "torch/replay", "jax/replay"); not serialised
@@ -102,7 +103,8 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return not self.failures and (self.reverse is None or self.reverse.passed)
+        return (not self.failures and (self.reverse is None or self.reverse.passed)
+                and all(p.passed for p in self.pairs))
 
     @property
     def downstream(self) -> int:
@@ -111,8 +113,8 @@ class ParityReport:
 
     def all_failures(self) -> list[str]:
         """The failures of both directions, the reverse ones labelled with their reference."""
-        rev = [] if self.reverse is None else [f"[{self.reverse.reference} as reference] {f}" for f in self.reverse.failures]
-        return [*self.failures, *rev]
+        more = ([] if self.reverse is None else [self.reverse]) + self.pairs
+        return [*self.failures, *(f"[{p.other} against {p.reference}] {f}" for p in more for f in p.failures)]
 
     def row(self, output: str, phase: str = "run") -> Row:
         """The row for `output` in `phase`; KeyError names the rows that exist."""
@@ -125,10 +127,11 @@ class ParityReport:
         return any(r.output == output and r.phase == phase for r in self.rows)
 
     def to_dict(self) -> dict:
-        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in ("outputs", "reverse")}
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in ("outputs", "reverse", "pairs")}
         d["passed"] = self.passed
         d["downstream"] = self.downstream
         d["reverse"] = None if self.reverse is None else self.reverse.to_dict()
+        d["pairs"] = [p.to_dict() for p in self.pairs]
         return _finite(d)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -218,6 +221,11 @@ def render(report: ParityReport, console: Console | None = None, max_ties: int =
                       + (f", {len(rev.near_ties)} near tie(s), {len(rev.excused)} excused" if rev.near_ties else ""))
         if not rev.passed:
             _render_direction(rev, console, max_ties, tables=True)
+    for pair in report.pairs:
+        console.print(f"{pair.other} against {pair.reference}: "
+                      + ("[green]agrees[/green]" if pair.passed else f"[bold red]{len(pair.failures)} failure(s)[/]"))
+        if not pair.passed:
+            _render_direction(pair, console, max_ties, tables=True)
     secs = sum(report.timings.values())
     n_fail = len(report.all_failures())
     if report.passed:
