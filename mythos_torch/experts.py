@@ -27,10 +27,15 @@ class Experts(nn.Module):
         (decoding at batch 1) skip the sorting and grouping, which cost more ops than the products:
         row by row on the CPU (`_row_by_row`), else (GPUs, torch.compile) through gathered weights
         (`_gathered`, no host read of the expert ids). Under torch.compile up to COMPILED_ROWS rows
-        keep static shapes: `_gathered`, or `_dense` once there are at least as many rows as experts.
+        keep static shapes: `_gathered`, or `_dense` once there are at least as many rows as experts. Under
+        torch.export (ONNX) always `_gathered`: sparse, and one graph for every batch and length.
         """
         N, k = expert.shape
         E, _, hidden = self.gate.shape
+        if torch.compiler.is_exporting():
+            # torch.export (ONNX): sparse (only the chosen experts' products), no data-dependent shapes, no
+            # branch on the (symbolic) number of rows, so dynamic batch and length keep the same graph
+            return _gathered(x, expert, self.gate, self.up, self.down)
         compiling = torch.compiler.is_compiling()
         if N * k <= SMALL_ROWS and x.device.type == "cpu" and not compiling:
             return _row_by_row(x, expert, self.gate, self.up, self.down)

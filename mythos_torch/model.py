@@ -18,7 +18,7 @@ from .block import make_block
 from .cache import KVCache, init_cache
 from .generate import generate
 from .layers import RMSNorm, acc_dtype
-from .recurrent import LoopState, RecurrentBlock, loop_step
+from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step
 from .weights import load_arrays
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -70,6 +70,10 @@ class Mythos(nn.Module):
         self.register_buffer("rope_sin", torch.from_numpy(sin).to(rot), persistent=False)
         self._rows: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # see _loop_rows
         self._compiled: Callable[..., ModelOutput] | None = None  # see generate.compiled_step
+        # "for": the loop is `for t in range(N)` with a Python break (the default); "while": one
+        # torch.while_loop (recurrent._run_steps) with the same early exit, for torch.export / ONNX and
+        # torch.compile (inference; a call with a cache still runs the for loop). Equal results.
+        self.loop_form = "for"
 
     def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
                 force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
@@ -140,6 +144,9 @@ class Mythos(nn.Module):
         state = LoopState(h=e, y=torch.zeros_like(e), c=torch.zeros(B, T, dtype=act, device=dev), running=~false,
                           halted=false, counts=torch.full((B, T), N, dtype=torch.int32, device=dev), cache=cache,
                           memory=memory, summaries=None)  # None: step 0 reads only the compressor's null slot
+        if self.loop_form == "while" and cache is None:
+            return self._loop_while(state, e, rows, cos, sin, N, early_exit, force_halt, force_experts, attn_probs,
+                                    no_grad_steps, value)
         steps: list[tuple[torch.Tensor | None, ...]] = []
         for t in range(N):
             fx = None if force_experts is None else force_experts[t]
@@ -161,6 +168,40 @@ class Mythos(nn.Module):
         traces = Traces(*(None if col[0] is None else _stack_steps(list(col), N, fill)
                           for col, fill in zip(zip(*steps), fills)))
         return state.y, state.counts, state.halted, len(steps), traces, state.cache
+
+    def _loop_while(self, state: LoopState, e: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
+                    force_experts: torch.Tensor | None, attn_probs: bool, no_grad_steps: int,
+                    value: Callable[[torch.Tensor], torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Traces, None]:
+        """loop() as one torch.while_loop (loop_form="while", no cache): the jax twin's loop; n_steps a 0-d tensor."""
+        s, rec = self.spec, self.recurrent
+        if no_grad_steps or (torch.is_grad_enabled() and self.embed.weight.requires_grad):
+            raise ValueError('loop_form="while" is for inference and export: run it under torch.no_grad() '
+                             '(truncated backprop and training use loop_form="for")')
+        B, T, _ = e.shape
+        act, dev = acc_dtype(e.dtype), e.device
+        if rec.compressor is not None:  # step t-1's summaries, all zeros (and masked) at step 0, as in the jax twin
+            cp = s.recurrent.compressor
+            state = state._replace(summaries=e.new_zeros(B, T // cp.chunk, cp.n_summaries, s.dim))
+        P = len(self.prelude)
+
+        def step(state: LoopState, t: torch.Tensor) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
+            at = t.view(1)
+            fx = None if force_experts is None else force_experts.index_select(0, at)[0]
+            return loop_step(rec, state, t, e, rows.index_select(0, at)[0], cos, sin, fx, force_halt,
+                             halting=s.halting, last=t == N - 1, start_pos=0, layer=P, attn_probs=attn_probs,
+                             value=value)
+
+        k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
+        fills = Traces(e.new_zeros(B, T), e.new_zeros(B, T, dtype=act), e.new_zeros(B, T, dtype=act),
+                       torch.zeros(B, T, dtype=torch.bool, device=dev),
+                       torch.full((B, T, k), -1, dtype=torch.int32, device=dev),
+                       torch.full((B, T), float("inf"), dtype=act, device=dev),
+                       None if value is None else e.new_zeros(B, T),
+                       e.new_zeros(B, s.attention.n_heads, T, T, dtype=act) if attn_probs else None)
+        state, traces, n_steps = _run_steps(step, state, fills, N, early_exit)
+        return state.y, state.counts, state.halted, n_steps, Traces(*traces), None
 
     def _loop_rows(self, N: int, dtype: torch.dtype) -> torch.Tensor:
         """spec.loop_table(spec, N) zero-padded to (N, D), in dtype on the model's device, made once per (N, dtype)."""
@@ -206,7 +247,7 @@ class Mythos(nn.Module):
         if ids.shape[1] > self.spec.max_seq_len:
             raise ValueError(f"ids has T={ids.shape[1]} tokens, more than max_seq_len={self.spec.max_seq_len}")
         ids = ids.long()
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
+        if _concrete() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
             raise ValueError(f"ids must lie in [0, vocab_size={self.spec.vocab_size}), got values in "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids
@@ -257,7 +298,7 @@ class Mythos(nn.Module):
                                  f"got {tuple(force_experts.shape)}")
             # -1, the trace fill of steps not run, is allowed: such a position keeps its top-k choice
             E = self.spec.moe.n_experts
-            if force_experts.numel() and (int(force_experts.min()) < -1 or int(force_experts.max()) >= E):
+            if _concrete() and force_experts.numel() and (int(force_experts.min()) < -1 or int(force_experts.max()) >= E):
                 raise ValueError(f"force_experts must name experts in 0..{E - 1} (or -1: not forced), got values "
                                  f"in [{int(force_experts.min())}, {int(force_experts.max())}]")
         if force_halt is None:
@@ -266,10 +307,15 @@ class Mythos(nn.Module):
         if tuple(force_halt.shape) != (B, T):
             raise ValueError(f"force_halt must have shape (B, T) = {(B, T)}, got {tuple(force_halt.shape)}")
         force_halt = force_halt.long()
-        if int(force_halt.min()) < -1 or int(force_halt.max()) > N:
+        if _concrete() and (int(force_halt.min()) < -1 or int(force_halt.max()) > N):
             raise ValueError(f"force_halt values must lie in -1..N={N} (0: never halt by threshold, -1: not "
                              f"forced), got [{int(force_halt.min())}, {int(force_halt.max())}]")
         return force_halt, force_experts
+
+
+def _concrete() -> bool:
+    """Whether tensors hold values to check: not under torch.export, where ids are symbolic (jax: _concrete)."""
+    return not torch.compiler.is_exporting()
 
 
 def _check_no_grad_steps(k: int, N: int) -> int:

@@ -31,9 +31,12 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.empty(rank, dim, dtype=dtype))
         self.scale = nn.Parameter(torch.empty(n_train, rank, dtype=dtype))
 
-    def forward(self, o: torch.Tensor, t: int) -> torch.Tensor:
+    def forward(self, o: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         # steps beyond training depth reuse the last trained scale row (depth extrapolation)
-        s = self.scale[min(t, self.scale.shape[0] - 1)]  # (r,)
+        if isinstance(t, torch.Tensor):  # the while_loop form (_run_steps): t is the loop's 0-d counter
+            s = self.scale.index_select(0, t.clamp(max=self.scale.shape[0] - 1).view(1))[0]  # (r,)
+        else:
+            s = self.scale[min(t, self.scale.shape[0] - 1)]  # (r,)
         return (self.down(o) * s) @ self.B
 
 
@@ -136,7 +139,7 @@ class RecurrentBlock(nn.Module):
             if cp.enabled else None
         self.memory_gate = MemoryGate(d, eps, dtype=dtype) if r.memory_gate.enabled else None
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, t: int, row: torch.Tensor, cos: torch.Tensor,
+    def forward(self, h: torch.Tensor, e: torch.Tensor, t: int | torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, force_idx: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 layer: int = 0, start_pos: int = 0, memory: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                 summaries: torch.Tensor | None = None, attn_probs: bool = False) -> StepOut:
@@ -155,6 +158,8 @@ class RecurrentBlock(nn.Module):
             if cache is not None:  # step t-1's summaries of every chunk so far (unwritten ones are masked)
                 summaries = cache.summaries(t - 1) if t > 0 else None
             n_visible = torch.arange(start_pos, start_pos + T, device=h.device) // self.compressor.chunk
+            if isinstance(t, torch.Tensor):  # the while_loop form: step 0 reads only the null slot (mask, not skip)
+                n_visible = torch.where(t > 0, n_visible, 0)
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
@@ -177,12 +182,15 @@ class RecurrentBlock(nn.Module):
         return StepOut(h_new, self.act(h_new), route, entry, new_summaries, probs)
 
 
-def loop_step(rec: RecurrentBlock, state: LoopState, t: int, e: torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
+def loop_step(rec: RecurrentBlock, state: LoopState, t: int | torch.Tensor, e: torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor, force_idx: torch.Tensor | None, force_halt: torch.Tensor | None, *,
               halting: HaltingSpec, last: bool, start_pos: int, layer: int, attn_probs: bool,
               value: Callable[[torch.Tensor], torch.Tensor] | None
               ) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
-    """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order)."""
+    """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order).
+
+    t: a Python int (the eager loop), or a 0-d int32 tensor (the torch.while_loop form, `_run_steps`).
+    """
     h, y, c, running, halted, counts, cache, memory, summaries = state
     mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
     out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
@@ -190,7 +198,10 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: int, e: torch.Tensor, ro
     h, p = out.h, out.p
     if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
         # out of place: the earlier steps' attention saved the memory for the backward pass
-        memory = tuple(torch.cat([m[:t + 1], x[None], m[t + 2:]]) for m, x in zip(memory, out.entry))
+        if isinstance(t, torch.Tensor):  # the while_loop form: a traced slot, no Python slicing
+            memory = tuple(m.index_copy(0, (t + 1).view(1).long(), x[None]) for m, x in zip(memory, out.entry))
+        else:
+            memory = tuple(torch.cat([m[:t + 1], x[None], m[t + 2:]]) for m, x in zip(memory, out.entry))
     summaries = out.summaries
     # force_halt: s in 1..N halts at step s, 0 never by threshold, -1 by the position's own threshold decision
     forced = None if force_halt is None else (force_halt == t + 1) | ((force_halt < 0) & (c + p >= halting.threshold))
@@ -216,3 +227,53 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: int, e: torch.Tensor, ro
         probs = F.pad(probs, (0, cache.capacity - probs.shape[-1]))
     trace = (norm, p, c_new, running, idx, margin, None if value is None else value(h), probs)
     return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries), trace
+
+
+# a Traces row, or the stacked Traces: a tuple of tensors (and Nones) in Traces field order
+Rows = tuple[torch.Tensor | None, ...]
+
+
+def _run_steps(step: Callable[[LoopState, torch.Tensor], tuple[LoopState, Rows]], state: LoopState, fills: Rows,
+               N: int, early_exit: bool) -> tuple[LoopState, Rows, torch.Tensor]:
+    """Run step(state, t) for t = 0, 1, ... as one torch.while_loop (the loop's control flow, STYLE 9; the
+    jax twin's _run_steps) -> final state, the per-step Traces rows stacked to (N, ...) (steps not run hold
+    `fills`), steps executed (0-d int32). The opt-in form of Mythos.loop (loop_form="while"), inference only.
+    """
+    # torch.while_loop: the early exit tests a traced value, which a Python `break` cannot do under
+    # torch.export (ONNX: one Loop node) or torch.compile; the carry is flat tensors, so the state's
+    # None fields (no cache, no memory, ...) stay outside it, and rows go into fixed-size (N, ...) buffers
+    # state fields: a tensor, a tuple of tensors (the cross-loop memory) or None; flat in the carry
+    sizes = [0 if x is None else len(x) if isinstance(x, tuple) else 1 for x in state]
+    flat = [y for x in state if x is not None for y in (x if isinstance(x, tuple) else (x,))]
+    # rows with no elements (a dense FFN's (B, T, 0) experts) stay out of the carry: nothing to write
+    rows = [i for i, f in enumerate(fills) if f is not None and f.numel() > 0]
+
+    def unpack(carry: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, LoopState, list[torch.Tensor]]:
+        parts: list[torch.Tensor | tuple[torch.Tensor, ...] | None] = []
+        at = 1
+        for x, n in zip(state, sizes):
+            parts.append(None if n == 0 else tuple(carry[at:at + n]) if isinstance(x, tuple) else carry[at])
+            at += n
+        return carry[0], LoopState(*parts), list(carry[at:])
+
+    def cond(*carry: torch.Tensor) -> torch.Tensor:
+        t, state, _ = unpack(carry)
+        # logical ops, not Where, on booleans (onnxruntime has no bool Where)
+        return (t < N) & state.running.any() if early_exit else t < N
+
+    def body(*carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t, state, buffers = unpack(carry)
+        state, trace = step(state, t)
+        at = t.view(1).long()
+        buffers = [b.index_copy(0, at, trace[i][None]) for b, i in zip(buffers, rows)]
+        return (t + 1, *(y for x in state if x is not None for y in (x if isinstance(x, tuple) else (x,))), *buffers)
+
+    buffers = [fills[i].expand(N, *fills[i].shape).clone() for i in rows]
+    # clones: the carry may not alias the loop's other inputs (h starts as e, which every step reads)
+    init = (torch.zeros((), dtype=torch.int32, device=state.h.device), *(x.clone() for x in flat), *buffers)
+    out = torch.while_loop(cond, body, init)
+    n_steps, state, stacked = unpack(tuple(out))
+    traces = [None if f is None else f.expand(N, *f.shape).clone() for f in fills]
+    for i, b in zip(rows, stacked):
+        traces[i] = b
+    return state, tuple(traces), n_steps
