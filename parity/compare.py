@@ -43,7 +43,7 @@ import numpy as np
 import spec as S
 from weights_bridge import backends as registry
 
-from .probe import calibrate_halting, perturbed_arrays, probe_loops
+from .probe import calibrate_halting, perturbed_arrays, probe_loops, spread_routing
 from .report import DIVERGED, FAIL, NA, NEAR_TIE, OK, Excusal, NearTie, ParityReport, Row
 
 DTYPES = ("float64", "float32", "bfloat16")
@@ -63,6 +63,8 @@ FLOOR_ULPS = 16.0
 F64_SAFETY = 64.0
 # the most replay rounds (each forces the near ties found in the previous one)
 MAX_ROUNDS = 6
+# the most probe runs that raise the router bias of unrouted experts
+ROUTING_ROUNDS = 6
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,16 @@ def probe_weights(spec: S.Spec | str, seed: int = 0, ids: np.ndarray | None = No
     N = probe_loops(s) if n_loops is None else n_loops
     arrays = perturbed_arrays(s, seed)
     registry.enable_float64("torch")
-    model = registry.twin("torch").build(s, seed=seed, dtype="float64", weights=arrays)
+    mt = registry.twin("torch")
+    model = mt.build(s, seed=seed, dtype="float64", weights=arrays)
+    for _ in range(ROUTING_ROUNDS):  # every expert routed to at least once
+        tr = registry.forward("torch", model, ids, N, early_exit=False).traces
+        # every executed (step, position): halted positions still feed the others through attention
+        spread = spread_routing(s, arrays, registry.to_numpy(tr.expert_idx), np.ones(tr.running.shape, bool))
+        if spread is None:
+            break
+        arrays = spread
+        mt.load_arrays(model, arrays)
     p = registry.to_numpy(registry.forward("torch", model, ids, N, early_exit=False).traces.halt_p)
     p = np.clip(p.astype(np.float64), 1e-300, 1 - 1e-16)
     return calibrate_halting(s, arrays, np.log(p) - np.log1p(-p))

@@ -9,11 +9,15 @@ below move every tensor (same manifest, same seed => the same arrays for every b
 | init rule (spec/manifest.py)   | probe value                                             |
 |--------------------------------|---------------------------------------------------------|
 | ones (RMSNorm weights)         | U(0.5, 1.5)                                             |
-| zeros (biases, log_A, log_dt)  | N(0, 0.1); log_A and log_dt N(0, 0.5)                   |
+| zeros (biases, log_A, log_dt)  | N(0, 0.1); log_A and log_dt N(0, 0.5), two log_A channels at +-24 (past the +-20 clip) |
 | const v (LTI B, gate biases)   | v * U(0.5, 1.5)                                         |
-| router_bias (buffer)           | N(0, 0.5 * std * sqrt(dim)): comparable to the logits   |
+| router_bias (buffer)           | N(0, 0.5 * std * sqrt(dim)), then raised for unrouted experts (below) |
 | normal (std) and uniform       | drawn as by init_arrays                                 |
 | halting head (last layer)      | calibrated on the compared tokens (below)               |
+
+Routing is spread over every expert: a bug confined to an expert that no token reaches is invisible,
+so a few float64 runs move the router bias by the model's own aux-loss-free balancing rule
+(b += gamma * sign(mean load - load)) until every expert is used at least once (at most 6 runs).
 
 The halting head is calibrated, because the loop counts it yields depend on the states it reads:
 one float64 run of a twin with all steps (`early_exit=False`) gives the halting logits
@@ -60,9 +64,31 @@ def perturbed_arrays(spec: S.Spec, seed: int = 0) -> dict[str, np.ndarray]:
         elif rule == "zeros":
             scale = 0.5 if p.path.endswith(("log_A", "log_dt")) else 0.1
             arrays[p.path] = rng.standard_normal(p.shape) * scale
+            if p.path.endswith("log_A") and p.shape[0] >= 4:
+                arrays[p.path][:2] = (24.0, -24.0)  # A at both ends of the clip: exp(-exp(+-20))
         elif rule == "const":
             arrays[p.path] = a * rng.uniform(0.5, 1.5, p.shape)
     return arrays
+
+
+def spread_routing(spec: S.Spec, arrays: dict[str, np.ndarray], expert_idx: np.ndarray,
+                   running: np.ndarray) -> dict[str, np.ndarray] | None:
+    """arrays with the router bias raised for the experts no running (step, position) chose; None if all were.
+
+    expert_idx (N, B, T, k) and running (N, B, T) of one run of these arrays.
+    """
+    path = "recurrent.block.ffn.router_bias"
+    if path not in arrays:
+        return None
+    E = spec.moe.n_experts
+    used = np.bincount(expert_idx[running].reshape(-1), minlength=E)[:E] if running.any() else np.zeros(E, int)
+    if (used > 0).all():
+        return None
+    step = 0.5 * spec.init.std * np.sqrt(spec.dim)  # the scale of the router logits at RMS-normalised inputs
+    out = dict(arrays)
+    # the balancing rule of the model's own router-bias update: b += gamma * sign(mean load - load)
+    out[path] = arrays[path] + 0.25 * step * np.sign(used.mean() - used)
+    return out
 
 
 def _counts(z: np.ndarray, threshold: float, graves: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -278,16 +278,12 @@ SURVIVORS: dict[tuple[str, str], str] = {
     ("j-act-halt-strict", "*"):
         "> and >= differ only at an exact tie c + p == threshold, which no continuous probe draw gives "
         "(min halting margin ~4e-4 on tiny); tests/test_verdicts.py catches it with at_threshold weights",
-    # BLIND SPOTS of the probe weights (reported to the lead, issue 17): the mutated code runs, but the
-    # probe draw never reaches the values where it matters. Remove an entry once parity/probe.py covers it.
-    ("j-lti-clip-2", "tiny"):
-        "blind spot: probe log_dt + log_A lie in [-1.97, 0.74] (bench-s-gqa reaches -2.17 and kills it): "
-        "a clip at +-2 binds nowhere, and the true clip at +-20 is never exercised",
-    ("j-lti-clip-2", "bench-s-mla"): "blind spot: probe log_dt + log_A lie in [-0.94, 1.75]: a clip at +-2 binds nowhere",
-    ("j-lti-clip-2", "bench-m-moe64"): "blind spot: probe log_dt + log_A lie in [-1.74, 0.93]: a clip at +-2 binds nowhere",
+    # BLIND SPOT of the probe weights: the mutated code runs, but the probe never reaches the values where it
+    # matters. Remove the entry once parity/probe.py covers it. (The LTI clip, another one, is covered since
+    # the probe puts two log_A channels at +-24.)
     ("t-last-expert-zeroed", "bench-s-mla"):
-        "blind spot: the probe run routes every (step, position) of bench-s-mla to experts 4, 5 and 6 only "
-        "(router bias N(0, 0.16) against router logits that barely vary across positions): expert 7 never runs",
+        "blind spot: the probe's routing spread (parity/probe.py, 6 balancing runs) reaches 7 of bench-s-mla's "
+        "8 experts on the default 2 x 16 tokens; the last expert is among the unrouted ones",
     ("t-mla-rope-key-unrotated", "tiny"): "GQA preset: the MLA code does not run",
     ("t-mla-kv-down-split-swapped", "tiny"): "GQA preset: the MLA code does not run",
     ("t-mla-no-q-norm", "tiny"): "GQA preset: the MLA code does not run",
