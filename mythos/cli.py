@@ -1,4 +1,4 @@
-"""The `mythos` command line: presets, info, parity, generate, trace, convert, check, train."""
+"""The `mythos` command line: presets, info, parity, generate, trace, convert, check, train, export."""
 
 from __future__ import annotations
 
@@ -202,7 +202,9 @@ def parity_command(
                                         "max_loop_iters with init weights)"),
     weights: str = typer.Option("probe", help="probe: every parameter moved off its structured init, so a bug in a "
                                 "norm scale, bias or late loop step shows (parity/probe.py); init: spec.init_arrays"),
-    reference: str = typer.Option("torch", help="the twin whose decisions are replayed into the other: torch | jax"),
+    reference: str = typer.Option("torch", help="the backend whose decisions are replayed into the others: torch | jax | onnx"),
+    backends_: str = typer.Option("torch,jax", "--backends", help="the backends to compare, comma-separated, at least "
+                                  "two of torch, jax, onnx (onnx: the torch twin's exported graph in ONNX Runtime)"),
     one_direction: bool = typer.Option(False, "--one-direction", help="check with --reference as the reference only "
                                        "(default: both twins take a turn as the reference, both must pass)"),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties", help="let near ties excuse decisions in float64 "
@@ -211,12 +213,21 @@ def parity_command(
                                          "failing on them"),
     replay: bool = typer.Option(False, "--replay", help="also replay the reference's decisions when all of them agree"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON to this file (atomically)"),
+    record: Optional[Path] = typer.Option(None, "--record", help="after a passing check, store the reference twin's "
+                                          "outputs, the versions, the spec and the weights' digests in this golden "
+                                          "file (.npz) for --against"),
+    against: Optional[Path] = typer.Option(None, "--against", help="instead, compare each twin with a golden file "
+                                           "written by --record (its dtype, seed, input and loops); exit 1 when an "
+                                           "output moved"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Run both twins on the same weights and tokens; compare logits, traces, loop counts and experts.
 
-    Exit status: 0 when the twins agree, 1 when parity fails (both directions' failures are printed),
-    2 on bad input.
+    With --against GOLDEN, compare each twin with a recorded golden instead (docs/regression.md).
+
+    Exit status: 0 when the twins agree (or reproduce the golden), 1 when parity fails (both directions'
+    failures are printed) or an output moved from the golden, 2 on bad input (a missing, corrupt or
+    foreign golden, or one recorded for another spec).
     """
     import time
 
@@ -225,13 +236,27 @@ def parity_command(
 
     s = _load_spec(spec_source, set_)
     check_choice("--dtype", dtype, DTYPES)
-    check_choice("--reference", reference, backends.BACKENDS)
+    names = tuple(b.strip() for b in backends_.split(",") if b.strip())
+    for name in names:
+        check_choice("--backends", name, backends.ALL_BACKENDS)
+    if len(names) < 2 or len(set(names)) != len(names):
+        fail(f"--backends {backends_!r} must name at least two different backends of {', '.join(backends.ALL_BACKENDS)}")
+    check_choice("--reference", reference, names)
     check_choice("--weights", weights, WEIGHTS)
     _check(S.check_length, s, seq, what="--seq")
     if loops is not None:
         _check(S.check_loops, s, loops, what="--loops")
+    if record is not None and against is not None:
+        fail("--record and --against exclude each other: record a golden once, check against it later")
     if json_path is not None:
         check_output_file(json_path, "--json")  # before the run, not after it
+    if record is not None:
+        check_output_file(record, "--record")
+    if against is not None:
+        given = {"--dtype": dtype, "--seed": seed, "--batch": batch, "--seq": seq, "--loops": loops,
+                 "--weights": weights, "--reference": reference}
+        _against(s, spec_source, against, given, json_path, names)
+        return
 
     started = time.perf_counter()
     last = [None, started]  # stage in progress, its start
@@ -245,7 +270,7 @@ def parity_command(
             status.update(escape(msg))
 
         report = compare(s, seed=seed, dtype=dtype, batch=batch, seq=seq, n_loops=loops, weights=weights,
-                         reference=reference, both_directions=not one_direction,
+                         reference=reference, backends=names, both_directions=not one_direction,
                          allow_near_ties=True if allow_near_ties else None, allow_nonfinite=allow_nonfinite,
                          replay=True if replay else None, progress=progress)
         progress("comparing")
@@ -254,6 +279,56 @@ def parity_command(
     report.render(console)
     if json_path is not None:
         report.save_json(json_path)  # atomic: a reader never sees half a report
+        console.print(f"report written to {escape(str(json_path))}")
+    if not report.passed:
+        if record is not None:
+            console.print(f"[red]not recorded:[/red] {escape(str(record))} (a golden of twins that disagree)")
+        raise typer.Exit(EXIT_FAIL)
+    if record is not None:
+        from parity import golden
+
+        with console.status(f"recording {escape(str(record))}"):
+            path = golden.record(s, record, dtype=dtype, seed=seed, batch=batch, seq=seq, n_loops=loops,
+                                 weights=weights, reference=reference, label=report.spec)
+        console.print(f"golden written to {escape(str(path))} ({path.stat().st_size:,} bytes; check with "
+                      f"`mythos parity {escape(spec_source)} --against {escape(str(path))}`)")
+
+
+# what --against takes from the golden: a value given on the command line must agree with it
+AGAINST_DEFAULTS = {"--dtype": "float64", "--seed": 0, "--batch": 2, "--seq": 16, "--loops": None, "--weights": "probe",
+                    "--reference": "torch"}
+GOLDEN_KEYS = {"--dtype": "dtype", "--seed": "seed", "--batch": "batch", "--seq": "seq", "--loops": "n_loops",
+               "--weights": "weights", "--reference": "reference"}
+
+
+def _against(s: S.Spec, spec_source: str, path: Path, given: dict, json_path: Optional[Path],
+             names: tuple[str, ...] = backends.BACKENDS) -> None:
+    """mythos parity SPEC --against GOLDEN: each twin against the golden; exit 1 when an output moved."""
+    import time
+
+    from parity import golden
+
+    g = golden.read(path)  # a GoldenError (missing, corrupt, foreign) is bad input: exit 2
+    for flag, value in given.items():
+        want = g.meta[GOLDEN_KEYS[flag]]
+        if value != AGAINST_DEFAULTS[flag] and value != want:
+            fail(f"{flag} {value} differs from the golden's {want}: --against runs the golden's own settings "
+                 f"(drop {flag})")
+    last = [None, time.perf_counter()]
+    with console.status("loading torch and jax") as status:
+        def progress(msg: str) -> None:
+            now = time.perf_counter()
+            if last[0] is not None:
+                console.print(f"[dim]  {escape(last[0])} ({now - last[1]:.1f} s)[/dim]")
+            last[0], last[1] = msg, now
+            status.update(escape(msg))
+
+        report = golden.against(path, backends=names, spec=s, progress=progress)
+        progress("comparing")
+    console.print()
+    report.render(console)
+    if json_path is not None:
+        report.save_json(json_path)
         console.print(f"report written to {escape(str(json_path))}")
     if not report.passed:
         raise typer.Exit(EXIT_FAIL)
@@ -485,6 +560,43 @@ def _print_check(r) -> None:
 
 
 app.command("train")(clear_errors(train_command))
+
+export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model to another runtime's format.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+@clear_errors
+def export_onnx_command(
+    source: str = typer.Argument(..., help=f"a Mythos .safetensors weights file, or a {SPEC_HELP}"),
+    out: Path = typer.Argument(..., help="the .onnx file to write (atomically; weights inside)"),
+    dynamic: str = typer.Option("batch,seq", help="axes left dynamic: batch,seq | batch | seq | none"),
+    dtype: str = typer.Option("float32", help="float32 | float64"),
+    loops: Optional[int] = typer.Option(None, help="loop steps N baked into the graph (default: recurrent.max_loop_iters)"),
+    cache: bool = typer.Option(False, help="a decode-step graph with the KV cache as inputs and outputs (not yet)"),
+    seed: int = typer.Option(0, help="seed of the random weights when SOURCE is a spec"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
+) -> None:
+    """Write the torch twin as one ONNX graph: the loop (ACT's early exit) as an ONNX Loop, sparse experts,
+    replay inputs force_halt and force_experts. Exit status 0 on success, 2 on bad input (nothing written)."""
+    from .export import export_onnx
+
+    axes = () if dynamic.strip() in ("", "none") else dynamic
+    with console.status(f"exporting {escape(source)} to ONNX"):
+        info = export_onnx(source, out, dtype=dtype, n_loops=loops, dynamic=axes, cache=cache, seed=seed,
+                           sets=set_)
+    t = Table(title=escape(f"wrote {info.path}"))
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("dtype", info.dtype)
+    t.add_row("loop steps N", str(info.n_loops))
+    t.add_row("dynamic axes", ",".join(info.dynamic) or "none")
+    t.add_row("nodes", f"{info.n_nodes:,}")
+    t.add_row("Loop nodes", str(info.loop_nodes))
+    t.add_row("bytes", f"{info.path.stat().st_size:,}")
+    t.add_row("inputs", ", ".join(info.inputs))
+    t.add_row("outputs", ", ".join(info.outputs))
+    console.print(t)
 
 
 def main() -> None:

@@ -296,6 +296,9 @@ def test_cli_parity_passes_and_writes_json(tmp_path):
     (["parity", "tiny", "--dtype", "float16"], "--dtype 'float16' is not allowed"),
     (["parity", "tiny", "--seq", "65"], "--seq=65 must be an integer in [1, 64]"),
     (["parity", "tiny", "--reference", "numpy"], "--reference 'numpy'"),
+    (["parity", "tiny", "--backends", "torch,numpy"], "--backends 'numpy' is not allowed; allowed: torch, jax, onnx"),
+    (["parity", "tiny", "--backends", "jax"], "must name at least two different backends"),
+    (["parity", "tiny", "--backends", "torch,jax", "--reference", "onnx"], "--reference 'onnx' is not allowed"),
     (["parity", "tiny", "--batch", "0"], "Invalid value for '--batch'"),  # typer: min=1
     (["parity", "tiny", "--loops", "0"], "--loops=0 must be an integer in [1, 256]"),
 ])
