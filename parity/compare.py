@@ -689,6 +689,17 @@ def _direction(spec: S.Spec, N: int, dtype: str, models: dict, ids: np.ndarray, 
 
     # ---- every free-run disagreement that is not a near tie must have vanished under the forced near
     # ties (converged) and be within reach of one: its own tie found in a replay, or a routing tie upstream
+    _excuse(R, d, route_tie, halt_tie, failed_route, failed_halt, forced_route, forced_halt, converged, v, O, report)
+    _run_rows(spec, N, R, O, d, tol, report, route_tie, halt_tie, failed_route, failed_halt)
+    if reps:
+        _replay_rows(spec, N, R, reps[reference], reps[other], tol, report, force_halt, force_experts)
+        report.outputs.update({f"{name}/replay": o for name, o in reps.items()})
+
+
+def _excuse(R: Outputs, d: Diff, route_tie, halt_tie, failed_route, failed_halt, forced_route, forced_halt, converged: bool,
+            v: _Verdict, O: Outputs, report: ParityReport) -> None:
+    """A free-run disagreement that is not a near tie must have vanished in the replay (converged) and be reached
+    by a forced near tie; each excusal goes to report.excused, the rest into failed_* (in place) and a failure."""
     down_route = d.route & ~route_tie & ~failed_route
     down_halt = d.halt & ~halt_tie & ~failed_halt
     lost_route, lost_halt = np.zeros_like(down_route), np.zeros_like(down_halt)
@@ -718,10 +729,6 @@ def _direction(spec: S.Spec, N: int, dtype: str, models: dict, ids: np.ndarray, 
         failed_halt |= lost_halt
         why = "and no forced near tie explains them" if converged else "and the replay did not resolve them"
         v.describe(R, O, d, lost_route, lost_halt, why)
-    _run_rows(spec, N, R, O, d, tol, report, route_tie, halt_tie, failed_route, failed_halt)
-    if reps:
-        _replay_rows(spec, N, R, reps[reference], reps[other], tol, report, force_halt, force_experts)
-        report.outputs.update({f"{name}/replay": o for name, o in reps.items()})
 
 
 def _first_tie(ties: np.ndarray, t_max: int, b: int, j: int) -> tuple[int, int, int] | None:

@@ -49,12 +49,12 @@ from weights_bridge import backends as registry
 from weights_bridge.atomic import atomic_write
 
 from .compare import (
-    MAX_ROUNDS, TRACE_FIELDS, WEIGHTS, Outputs, ParityInputError, _check_inputs, _diff, _err, _first_tie,
+    MAX_ROUNDS, TRACE_FIELDS, WEIGHTS, Outputs, ParityInputError, _check_inputs, _diff, _err, _excuse,
     _forced_all, _load_spec, _nonfinite, _replay_rows, _run_rows, _Verdict, _where, derive_tolerances,
     forward_outputs, make_ids, probe_weights, rounding_noise, set_parity_precision,
 )
 from .probe import _halt_paths, perturbed_arrays, probe_loops
-from .report import FAIL, OK, Excusal, ParityReport, Row, _finite, _render_direction
+from .report import FAIL, OK, ParityReport, Row, _finite, _render_direction
 
 FORMAT = "mythos-golden/1"
 LOGIT_COLUMNS = 256  # vocabularies larger than this store a seeded sample of columns (plus max, min, lse of all)
@@ -533,40 +533,6 @@ def _check_backend(g: Golden, name: str, model, tol, strict: bool, report: Parit
     for r in report.rows:
         if r.output == "logits" and cols < V:
             r.note = (r.note + "; " if r.note else "") + f"{cols} of {V} columns + max, min"
-
-
-def _excuse(G, d, route_tie, halt_tie, failed_route, failed_halt, forced_route, forced_halt, converged: bool,
-            v: _Verdict, O: Outputs, report: ParityReport) -> None:
-    """compare's rule: a free-run disagreement that is not a near tie must vanish in the replay and be reached by one."""
-    down_route = d.route & ~route_tie & ~failed_route
-    down_halt = d.halt & ~halt_tie & ~failed_halt
-    lost_route, lost_halt = np.zeros_like(down_route), np.zeros_like(down_halt)
-    for t, b, j in _where(down_route):
-        tie = (t, b, j) if forced_route[t, b, j] else _first_tie(forced_route, t - 1, b, j)
-        if not converged or tie is None:
-            lost_route[t, b, j] = True
-            continue
-        chain = "itself a near tie in a replay" if tie == (t, b, j) else \
-            "an earlier step at an earlier or equal position (attention)"
-        report.excused.append(Excusal("routing", t + 1, b, j, "routing", tie[0] + 1, tie[1], tie[2], chain))
-    for b, j in _where(down_halt):
-        s = int(d.first[b, j])
-        if forced_halt[b, j]:
-            tie, kind, chain = (s, b, j), "halting", "itself a near tie in a replay"
-        elif forced_route[s, b, j]:
-            tie, kind, chain = (s, b, j), "routing", "its own routing at that step"
-        else:
-            tie, kind, chain = _first_tie(forced_route, s - 1, b, j), "routing", \
-                "an earlier step at an earlier or equal position (attention)"
-        if not converged or tie is None:
-            lost_halt[b, j] = True
-            continue
-        report.excused.append(Excusal("halting", s + 1, b, j, kind, tie[0] + 1, tie[1], tie[2], chain))
-    if lost_route.any() or lost_halt.any():
-        failed_route |= lost_route
-        failed_halt |= lost_halt
-        why = "and no forced near tie explains them" if converged else "and the replay did not resolve them"
-        v.describe(G, O, d, lost_route, lost_halt, why)
 
 
 def _lse_row(g: Golden, phase: str, lse: np.ndarray, mask: np.ndarray, bound: float, report: ParityReport) -> None:
