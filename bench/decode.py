@@ -1,4 +1,4 @@
-"""Incremental decoding speed: the torch twin, the jax twin and open-mythos' own KV-cache decode.
+"""Incremental decoding speed: the torch twin, the jax twin, ONNX Runtime's decode-step graph and open-mythos' own KV-cache decode.
 
     python bench/decode.py                      # bench-s-gqa dims, 64-token prompt, batch 1 and 8
     python bench/decode.py --new-tokens 16 --repeats 3 --batch 1
@@ -19,6 +19,9 @@ to split, and a second OpenMP thread only adds wake-ups (on a shared 2-core mach
 that made both torch models 10-20x slower in our runs). JAX keeps its own CPU thread pool.
 --torch-compile adds "mythos_torch (compiled)": a second torch twin whose decode steps run through
 torch.compile (model.generate(..., compile=True); opt-in, its compilation is in the warmup, reported apart).
+"onnxruntime" (when the [onnx] extra is installed; --no-onnx skips it) is the torch twin's decode-step
+graph (`mythos export onnx --cache`: past_*/present_* cache arrays) run by weights_bridge.onnx_backend's
+generate with --threads intra-op threads; its export is in the warmup, reported apart.
 """
 
 from __future__ import annotations
@@ -105,6 +108,33 @@ def twin_decoder(model, ids: np.ndarray, new: int, backend: str, **extra: object
     return run
 
 
+def onnx_twin(torch_model, threads: int):
+    """The torch twin's weights on ONNX Runtime (its graphs exported on first use), or None without the extra."""
+    try:
+        from weights_bridge import onnx_backend as ox
+
+        ox.require("onnx", "onnxruntime", "onnxscript")
+    except Exception as e:  # the [onnx] extra is not installed
+        print(f"onnxruntime skipped: {e}", file=sys.stderr)
+        return None
+    import mythos_torch as mt
+
+    return ox.build(torch_model.spec, 0, "float32", mt.dump_arrays(torch_model), threads=threads)
+
+
+def onnx_decoder(model, ids: np.ndarray, new: int) -> Callable[[], tuple[float, float, np.ndarray]]:
+    """weights_bridge.onnx_backend.generate (greedy) on the decode-step graph, timed by its on_token callback."""
+    from weights_bridge import onnx_backend as ox
+
+    def run() -> tuple[float, float, np.ndarray]:
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        out = ox.generate(model, ids, new, N_LOOPS, on_token=lambda tok: stamps.append(time.perf_counter()))
+        return stamps[0] - t0, stamps[-1] - stamps[0], out[:, ids.shape[1]:]
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
@@ -113,6 +143,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time the torch twin with torch.compile'd decode steps (compiles for minutes)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime's decode-step graph")
     ap.add_argument("--out", type=Path, default=None,
                     help="write the results as markdown here (e.g. docs/decode-benchmarks.md)")
     args = ap.parse_args()
@@ -132,6 +163,7 @@ def main() -> None:
     twins = {b: C.import_twin(om, b) for b in ("torch", "jax")}
     if args.torch_compile:
         twins["torch (compiled)"] = C.import_twin(om, "torch")
+    onnx_model = None if args.no_onnx else onnx_twin(twins["torch"], args.threads)
     warm: dict[tuple[int, str], float] = {}
     s = C.om_spec(PRESET)
     results: list[Result] = []
@@ -142,6 +174,8 @@ def main() -> None:
                    "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax")}
         if args.torch_compile:
             runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch", compile=True)
+        if onnx_model is not None:
+            runners["onnxruntime"] = onnx_decoder(onnx_model, ids, new)
         res = {name: Result(name, B) for name in runners}
         for name, run in runners.items():
             t = time.perf_counter()
@@ -161,7 +195,9 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average {load} at the end: "
            f"other processes share them), torch {torch.__version__} ({torch.get_num_threads()} intra-op thread(s)), "
-           f"jax {jax.__version__}, python {platform.python_version()}")
+           f"jax {jax.__version__}, python {platform.python_version()}"
+           + ("" if onnx_model is None else f", onnxruntime {__import__('onnxruntime').__version__} "
+              f"({args.threads} intra-op thread(s))"))
     lines = table(results, new)
     ref_tokens = {r.batch: r.tokens for r in results if r.name == "open-mythos"}
     agree = [f"- batch {r.batch}, {r.name}: {int((r.tokens == ref_tokens[r.batch]).sum())}/{r.tokens.size} greedy "

@@ -1,4 +1,4 @@
-"""Forward and forward+backward speed: open-mythos 0.5.0 vs the torch twin vs the JAX twin.
+"""Forward and forward+backward speed: open-mythos 0.5.0 vs the torch twin vs the JAX twin (vs ONNX Runtime, forward only).
 
     .venv/bin/python bench/forward.py                       # all three presets, 9 timed rounds
     .venv/bin/python bench/forward.py --quick               # smoke run: small inputs, 2 repeats
@@ -15,7 +15,11 @@ Timing: wall clock, float32, no_grad for the torch forwards; medians over `--rep
 `--warmup` rounds; in each round every measurement runs once, in the same order (so machine noise
 hits all of them alike). JAX compile time is excluded from the timings and reported on its own.
 Torch runs with 2 intra-op threads (bench.common.TORCH_THREADS); XLA's CPU client uses one thread
-per core (2 here). See docs/benchmarks.md for what each column means.
+per core (2 here). "onnx" (with the [onnx] extra; --no-onnx skips it) is the torch twin's exported
+graph (weights_bridge.onnx_backend: ACT's early exit as one ONNX Loop) in onnxruntime with
+bench.common.TORCH_THREADS intra-op threads, the same weights and ids: forward and halt@2 only (a
+runtime has no backward); its export time is reported beside JAX's compile time. See
+docs/benchmarks.md for what each column means.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np  # noqa: E402
 import spec as spec_lib  # noqa: E402
 
 N_LOOPS = 8
-IMPLS = ("open-mythos", "torch", "jax")
+IMPLS = ("open-mythos", "torch", "jax", "onnx")  # onnx: forward only, when the [onnx] extra is installed
 QUICK_SHAPE = (1, 64)
 
 
@@ -72,7 +76,7 @@ class PresetResult:
 class Case:
     """One preset, loaded three ways, with the calls to time."""
 
-    def __init__(self, name: str, batch: int, tokens: int):
+    def __init__(self, name: str, batch: int, tokens: int, onnx: bool = True):
         import jax
         import torch
 
@@ -88,12 +92,21 @@ class Case:
         self.jx, self.jx2 = C.import_twin(om, "jax"), C.import_twin(om2, "jax")
         self.spec = self.pt.spec
         ids = C.make_ids(self.spec.vocab_size, batch, tokens)
+        self.ids_np = ids
         self.ids_pt = torch.from_numpy(ids)
         self.ids_jx = jax.numpy.asarray(ids, dtype=jax.numpy.int32)
         self.targets_pt = torch.roll(self.ids_pt, -1, dims=1)  # next-token targets (wrapped: the cost is the same)
         self.targets_jx = jax.numpy.roll(self.ids_jx, -1, axis=1)
         self._mj = mj
         self._jax_step = None
+        self.ox = self.ox2 = None
+        if onnx:
+            import mythos_torch as mt
+            from weights_bridge import onnx_backend as ox
+
+            self._ox = ox
+            self.ox, self.ox2 = (ox.build(self.spec, 0, "float32", mt.dump_arrays(m), threads=C.TORCH_THREADS)
+                                 for m in (self.pt, self.pt2))
 
     # forwards ---------------------------------------------------------------
 
@@ -113,6 +126,16 @@ class Case:
         out = self._mj.forward(model or self.jx, self.ids_jx, N_LOOPS)
         out.logits.block_until_ready()
         return out
+
+    def ox_fwd(self, model=None) -> object:
+        return self._ox.forward(model or self.ox, self.ids_np, N_LOOPS)
+
+    def export_onnx(self) -> float:
+        """Export both ONNX graphs (8 steps, halt at 2) and open their sessions; seconds."""
+        t = time.perf_counter()
+        for m in (self.ox, self.ox2):
+            m.session(N_LOOPS)
+        return time.perf_counter() - t
 
     # forward + backward -----------------------------------------------------
 
@@ -192,12 +215,12 @@ def om_steps(case: Case, model) -> int:
 
 
 def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memory: bool, progress,
-            task) -> PresetResult:
+            task, onnx: bool = True) -> PresetResult:
     """Build, check and time one preset (progress: a rich Progress advanced once per timed call)."""
     r = PresetResult(name, batch, tokens, spec_lib.flops_per_token(spec_lib.preset(name), tokens, N_LOOPS)["total"])
     r.load.append(os.getloadavg()[0])
     progress.update(task, description=f"{name}: building")
-    case = Case(name, batch, tokens)
+    case = Case(name, batch, tokens, onnx)
 
     # equal work: every implementation runs all N_LOOPS steps (and the halting copy stops at 2)
     progress.update(task, description=f"{name}: checking steps and logits")
@@ -216,6 +239,13 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
     r.max_dlogit["jax"] = float(np.abs(np.asarray(out_jx.logits, np.float64) - ref).max())
     r.act2_steps = {"open-mythos": om_steps(case, case.om2), "torch": int(case.pt_fwd(case.pt2).n_steps),
                     "jax": int(case.jx_fwd(case.jx2).n_steps)}
+    if case.ox is not None:
+        progress.update(task, description=f"{name}: exporting to onnx")
+        r.compile_s["onnx export"] = case.export_onnx()
+        out_ox = case.ox_fwd()
+        r.steps["onnx"] = out_ox.n_steps
+        r.max_dlogit["onnx"] = float(np.abs(out_ox.logits.astype(np.float64) - ref).max())
+        r.act2_steps["onnx"] = case.ox_fwd(case.ox2).n_steps
     for impl, n in r.steps.items():
         if n != N_LOOPS:
             raise RuntimeError(f"{name}: {impl} ran {n} loop steps, expected {N_LOOPS} (the halting override failed)")
@@ -231,6 +261,9 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
         (r.fwdbwd, "jax", case.jx_fwdbwd),
         (r.ceiling, "torch", C.torch_matmul_seconds), (r.ceiling, "jax", C.jax_matmul_seconds),
     ]
+    if case.ox is not None:
+        calls[3:3] = [(r.fwd, "onnx", case.ox_fwd)]
+        calls[7:7] = [(r.act2, "onnx", lambda: case.ox_fwd(case.ox2))]
     for rnd in range(warmup + repeats):
         timed = rnd >= warmup
         label = f"round {rnd - warmup + 1}/{repeats}" if timed else f"warmup {rnd + 1}/{warmup}"
@@ -252,6 +285,8 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
                               ("jax", case.jx_fwd, case.jx_fwdbwd)):
             r.mem_fwd[impl], _ = C.peak_rss_delta(fwd)
             r.mem_fwdbwd[impl], _ = C.peak_rss_delta(fb)
+        if case.ox is not None:
+            r.mem_fwd["onnx"], _ = C.peak_rss_delta(case.ox_fwd)
     r.load.append(os.getloadavg()[0])
     return r
 
@@ -292,14 +327,18 @@ def summary(r: PresetResult) -> dict:
     n_tok = r.batch * r.tokens
     out: dict = {"preset": r.preset, "shape": f"{r.batch}x{r.tokens}", "rows": {}}
     om_f, om_fb = r.fwd["open-mythos"], r.fwdbwd["open-mythos"]
-    for impl in IMPLS:
-        ceiling_s = min(r.ceiling["jax" if impl == "jax" else "torch"])
-        f, fb, a2 = med(r.fwd[impl]), med(r.fwdbwd[impl]), med(r.act2[impl])
+    for impl in (i for i in IMPLS if i in r.fwd):
+        ceiling_s = min(r.ceiling["jax" if impl == "jax" else "torch"])  # onnx: the torch matmul's (same MLAS-class GEMMs)
+        f, a2 = med(r.fwd[impl]), med(r.act2[impl])
+        bwd = impl in r.fwdbwd  # a runtime (onnx) has no backward
+        fb = med(r.fwdbwd[impl]) if bwd else None
         row = {
             "fwd_ms": 1e3 * f, "fwd_tok_s": n_tok / f, "fwd_x": paired(om_f, r.fwd[impl]),
             "fwd_best_ms": 1e3 * min(r.fwd[impl]), "fwd_best_x": min(om_f) / min(r.fwd[impl]),
-            "fwdbwd_ms": 1e3 * fb, "fwdbwd_tok_s": n_tok / fb, "fwdbwd_x": paired(om_fb, r.fwdbwd[impl]),
-            "fwdbwd_best_ms": 1e3 * min(r.fwdbwd[impl]), "fwdbwd_best_x": min(om_fb) / min(r.fwdbwd[impl]),
+            "fwdbwd_ms": bwd and 1e3 * fb, "fwdbwd_tok_s": bwd and n_tok / fb,
+            "fwdbwd_x": bwd and paired(om_fb, r.fwdbwd[impl]),
+            "fwdbwd_best_ms": bwd and 1e3 * min(r.fwdbwd[impl]),
+            "fwdbwd_best_x": bwd and min(om_fb) / min(r.fwdbwd[impl]),
             "fwd_gflops": r.flops_per_token * n_tok / f / 1e9,
             "fwd_best_gflops": r.flops_per_token * n_tok / min(r.fwd[impl]) / 1e9,
             "ceiling_gflops": C.matmul_flops() / ceiling_s / 1e9,
@@ -307,8 +346,13 @@ def summary(r: PresetResult) -> dict:
             "fwd_spread": (max(r.fwd[impl]) - min(r.fwd[impl])) / f,
             "mem_fwd": r.mem_fwd.get(impl), "mem_fwdbwd": r.mem_fwdbwd.get(impl),
         }
+        for k in [k for k, v in row.items() if v is False]:
+            row[k] = None
         for mode, times in (("fwd", r.fwd), ("fwdbwd", r.fwdbwd)):
             key = "fwd" if mode == "fwd" else "fwd+bwd"
+            if impl not in times:
+                row[f"{mode}_quiet_x"], row[f"{mode}_quiet_n"], row[f"{mode}_foreign"] = None, 0, None
+                continue
             q_om = quiet_median(times["open-mythos"], r.foreign[f"{key}/open-mythos"])
             q_me = quiet_median(times[impl], r.foreign[f"{key}/{impl}"])
             row[f"{mode}_quiet_x"] = q_om / q_me if q_om and q_me else None
@@ -351,18 +395,24 @@ def cells(impl: str, row: dict) -> list[str]:
         x = row[f"{mode}_quiet_x"]
         return "-" if x is None else f"{x:.2f} ({row[f'{mode}_quiet_n']})"
 
+    def num(key: str, fmt: str) -> str:
+        return "-" if row[key] is None else format(row[key], fmt)
+
+    foreign = " / ".join("-" if row[k] is None else f"{row[k]:.2f}" for k in ("fwd_foreign", "fwdbwd_foreign"))
     return [impl, f"{row['fwd_ms']:,.1f}", f"{row['fwd_tok_s']:,.0f}", f"{row['fwd_x']:.2f}", quiet("fwd"),
-            f"{row['fwdbwd_ms']:,.1f}", f"{row['fwdbwd_tok_s']:,.0f}", f"{row['fwdbwd_x']:.2f}", quiet("fwdbwd"),
+            num("fwdbwd_ms", ",.1f"), num("fwdbwd_tok_s", ",.0f"), num("fwdbwd_x", ".2f"), quiet("fwdbwd"),
             f"{row['fwd_gflops']:.0f}",
             f"{100 * row['fwd_ceiling_frac']:.0f}% (best {100 * row['fwd_best_ceiling_frac']:.0f}%)"
             f" of {row['ceiling_gflops']:.0f}",
-            f"{100 * row['act2_ratio']:.0f}%", _mib(row["mem_fwd"]), _mib(row["mem_fwdbwd"]),
-            f"{row['fwd_foreign']:.2f} / {row['fwdbwd_foreign']:.2f}"]
+            f"{100 * row['act2_ratio']:.0f}%", _mib(row["mem_fwd"]), _mib(row["mem_fwdbwd"]), foreign]
 
 
 def notes(r: PresetResult) -> str:
     extra = [f"analytic forward FLOPs/token {r.flops_per_token / 1e6:.1f} M",
              f"jax compile: fwd {r.compile_s['fwd']:.1f} s, fwd+bwd {r.compile_s['fwd+bwd']:.1f} s"]
+    if "onnx export" in r.compile_s:
+        extra.append(f"onnx export of both graphs: {r.compile_s['onnx export']:.1f} s, onnxruntime with "
+                     f"{C.TORCH_THREADS} intra-op threads")
     if r.xla_temp:
         extra.append(f"XLA temp buffers: fwd {_mib(r.xla_temp['fwd'])}, fwd+bwd {_mib(r.xla_temp['fwd+bwd'])}")
     extra.append("max |dlogit| vs open-mythos: " + ", ".join(f"{k} {v:.1e}" for k, v in r.max_dlogit.items()))
@@ -420,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"smoke run: batch x tokens = {QUICK_SHAPE}, 2 repeats, no memory")
     p.add_argument("--json", type=Path, help="write raw times and the summary here")
     p.add_argument("--markdown", type=Path, help="write the docs/benchmarks.md tables here")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
     a = p.parse_args(argv)
     repeats = a.repeats if a.repeats is not None else (2 if a.quick else 9)
     names = [n.strip() for n in a.presets.split(",") if n.strip()]
@@ -435,17 +486,27 @@ def main(argv: list[str] | None = None) -> int:
     C.setup_torch()
     import jax  # noqa: F401  (imported before the first timing, so its start-up is not timed)
 
+    onnx = not a.no_onnx
+    if onnx:
+        try:
+            from weights_bridge.onnx_backend import require
+
+            require("onnx", "onnxruntime", "onnxscript")
+        except Exception as e:  # the [onnx] extra is not installed: the column is left out, and said so
+            print(f"onnx column skipped: {e}", file=sys.stderr)
+            onnx = False
+
     console = Console(width=max(Console().width, 200))  # the tables are wide; piped output keeps them whole
     console.print(f"torch threads {C.TORCH_THREADS}; cpus {os.cpu_count()}; n_loops {N_LOOPS}; "
                   f"repeats {repeats} (+{a.warmup} warmup); load average {os.getloadavg()[0]:.1f}")
     results: list[PresetResult] = []
-    per_round = 11
+    per_round = 11 + 2 * onnx
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         for name in names:
             batch, tokens = QUICK_SHAPE if a.quick else C.SHAPES[name]
             task = progress.add_task(name, total=per_round * (repeats + a.warmup))
-            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task))
+            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task, onnx))
             progress.update(task, description=f"{name}: done")
     sums = [summary(r) for r in results]
     print_tables(console, sums, results)

@@ -4,7 +4,9 @@ The while_loop form must equal the eager loop bit for bit (it is the same loop_s
 run by onnxruntime, must equal the torch twin within float32 / float64 rounding, with identical loop
 counts, halting, n_steps and experts, and honour forced decisions (replay). One float64 export of tiny
 (through the CLI) serves the default tier; float32, MLA and dense specs through backends.twin("onnx")
-are `slow` (an export takes ~20 s on a shared 2-core box).
+are `slow` (an export takes ~20 s on a shared 2-core box). The decode-step graph (`--cache`) must equal
+the twin's cached forward row for row, and its generate the twin's tokens; hypothesis draws the inputs
+(shapes, ids, forced decisions) over the strategies' spec shapes, one export per shape.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from typer.testing import CliRunner
 
 import spec as S
@@ -151,8 +156,10 @@ def test_onnx_backend_refuses_bad_input(tiny64):
         ox.forward(om, np.full((1, 3), 64), N)
     with pytest.raises(ValueError, match="force_experts must have shape"):
         ox.forward(om, ids_for(0), N, force_experts=np.zeros((N, 2, 12, 3), np.int64))
-    with pytest.raises(ValueError, match="exported for n_loops=4"):
+    with pytest.raises(ValueError, match=r"\(n_loops=4\); it has no full-sequence graph for n_loops=3"):
         ox.forward(om, ids_for(0), 3)
+    with pytest.raises(ValueError, match="it has no decode-step graph for n_loops=4 .*--loops 4 --cache"):
+        ox.generate(om, ids_for(0), 2, N)
     with pytest.raises(ValueError, match="holds no weights"):
         ox.dump_arrays(om)
 
@@ -162,7 +169,8 @@ def test_registry_lists_onnx_as_a_runtime_not_a_twin():
     assert backends.RUNTIMES == ("onnx",) and backends.ALL_BACKENDS == ("torch", "jax", "onnx")
     assert backends.dtypes_of("onnx") == ("float32", "float64")
     ox = backends.twin("onnx")
-    for name in ("build", "forward", "dump_arrays", "set_parity_precision", "OnnxModel"):
+    for name in ("build", "forward", "init_cache", "decode", "generate", "dump_arrays", "set_parity_precision",
+                 "OnnxModel"):
         assert hasattr(ox, name), name
     with pytest.raises(ValueError, match="allowed: torch, jax$"):
         backends.other("onnx")
@@ -172,7 +180,8 @@ def test_registry_lists_onnx_as_a_runtime_not_a_twin():
     (["--dtype", "bfloat16"], "--dtype 'bfloat16' is not allowed"),
     (["--dynamic", "batch,heads"], "--dynamic 'heads' is not allowed"),
     (["--loops", "0"], "--loops 0 must be an integer >= 1"),
-    (["--cache"], "not supported yet"),
+    (["--cache", "--set", "recurrent.compressor.enabled=true", "--set", "recurrent.compressor.chunk=4"],
+     "the compressor's per-chunk summaries (recurrent.compressor.enabled) are not positions"),
     (["--set", "dim=33"], "dim"),
 ])
 def test_export_cli_refuses_bad_input(tmp_path, args, message):
@@ -186,6 +195,155 @@ def test_export_cli_refuses_bad_input(tmp_path, args, message):
 def test_export_cli_refuses_a_missing_folder(tmp_path):
     r = runner.invoke(app, ["export", "onnx", "tiny", str(tmp_path / "no" / "m.onnx")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+# --------------------------------------------------------------------------- the decode-step graph (default tier)
+
+@pytest.fixture(scope="module")
+def tiny64_step(tmp_path_factory):
+    """tiny, float64, N = 4: the decode-step graph (`--cache`), exported once through the CLI."""
+    ox = _onnx()
+    out = tmp_path_factory.mktemp("onnx") / "tiny-step.onnx"
+    r = runner.invoke(app, ["export", "onnx", "tiny", str(out), "--dtype", "float64", "--loops", str(N), "--cache"])
+    assert r.exit_code == 0, r.output
+    s = S.preset("tiny")
+    return out, ox.OnnxModel.from_file(out, s, threads=1), mt.build(s, seed=0, dtype="float64")
+
+
+def test_decode_graph_io_past_in_present_out(tiny64_step):
+    import onnx
+
+    path, _, _ = tiny64_step
+    g = onnx.load(str(path)).graph
+    assert [i.name for i in g.input] == ["ids", "past_k", "past_v"]
+    assert [o.name for o in g.output] == [*backends.twin("onnx").OUTPUTS, "present_k", "present_v"]
+    dims = [d.dim_param or d.dim_value for d in g.input[1].type.tensor_type.shape.dim]
+    assert dims[1:3] == ["batch", "past"], dims  # (L, B, P, H_kv, K): batch and past length dynamic
+
+
+def assert_cache_same(torch_cache, present: dict, end: int, tol: float) -> None:
+    """The twin's KVCache rows 0..end-1 against the graph's present arrays."""
+    for name, a in present.items():
+        ref = torch_cache.arrays[name][:, :, :end].numpy()
+        assert a.shape == ref.shape, (name, a.shape, ref.shape)
+        assert float(np.abs(a - ref).max()) <= tol, name
+
+
+def test_decode_graph_equals_the_torch_cached_decode(tiny64_step):
+    """Prefill (P = 0), a chunk, then single tokens: logits, decisions, traces and every cache row as the
+    twin's cached forward on the same positions, and the last logits as the full forward's."""
+    _, om, tm = tiny64_step
+    ox = backends.twin("onnx")
+    ids = ids_for(7, B=3, T=11)
+    cache = tm.init_cache(3, 11, N)
+    past, pos = ox.init_cache(om, 3, N), 0
+    for chunk in (5, 3, 1, 1, 1):
+        with torch.no_grad():
+            a = mt.forward(tm, torch.from_numpy(ids[:, pos:pos + chunk]), N, cache=cache, start_pos=pos)
+        o = ox.decode(om, ids[:, pos:pos + chunk], N, past)
+        assert_same(a, o, "float64")
+        pos += chunk
+        assert_cache_same(cache, o.cache, pos, TOL["float64"])
+        past = o.cache
+    full = _torch_out(tm, ids, N)
+    assert float(np.abs(o.logits[:, -1] - full.logits[:, -1].numpy()).max()) <= TOL["float64"]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 5},
+                                      {"temperature": 1.0, "top_p": 0.9, "seed": 1, "eos_id": 3}],
+                         ids=["greedy", "top-k", "top-p-eos"])
+def test_onnx_generate_equals_the_torch_twin(tiny64_step, sampling):
+    """The same host sampler (spec.sampling) on logits that agree to 1e-12: the same tokens, row by row."""
+    _, om, tm = tiny64_step
+    ids = ids_for(11, B=2, T=6)
+    want = tm.generate(torch.from_numpy(ids), 12, N, **sampling).numpy()
+    got = backends.twin("onnx").generate(om, ids, 12, N, **sampling)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_decode_graph_refuses_bad_input(tiny64_step):
+    _, om, _ = tiny64_step
+    ox = backends.twin("onnx")
+    with pytest.raises(ValueError, match="cache must hold the arrays k, v"):
+        ox.decode(om, ids_for(0), N, {"k": np.zeros((1,))})
+    past = ox.init_cache(om, 2, N)
+    past = {n: np.zeros((*a.shape[:2], 60, *a.shape[3:])) for n, a in past.items()}
+    with pytest.raises(ValueError, match="exceed max_seq_len=64"):
+        ox.decode(om, ids_for(0), N, past)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ox.generate(om, ids_for(0), -1, N)
+
+
+# --------------------------------------------------------------------------- hypothesis over spec shapes
+
+def _shape_onnx(name: str, dtype: str):
+    """(spec, n_loops, torch model, onnx model) of a strategies shape, seed-0 weights: one export per shape and
+    dtype in the process (backends.twin("onnx") keeps graphs by weight digest), shared by the drawn inputs."""
+    from strategies import SHAPE_TABLE, SHAPES
+
+    s = SHAPES[name]
+    n = SHAPE_TABLE[name][1] or s.recurrent.max_loop_iters
+    tm = mt.build(s, seed=0, dtype=dtype)
+    return s, n, tm, _onnx().build(s, 0, dtype, mt.dump_arrays(tm))
+
+
+@st.composite
+def onnx_inputs(draw, shapes: list[str]):
+    """(shape name, ids, force_halt or None, force_experts or None): the graph's dynamic inputs, drawn."""
+    from strategies import SHAPE_TABLE, SHAPES, token_ids
+
+    name = draw(st.sampled_from(shapes))
+    s = SHAPES[name]
+    n = SHAPE_TABLE[name][1] or s.recurrent.max_loop_iters
+    B, T = draw(st.integers(1, 3)), draw(st.integers(1, 24))
+    ids = draw(token_ids(s, (B, T)))
+    fh = draw(st.none() | hnp.arrays(np.int64, (B, T), elements=st.integers(-1, n)))
+    k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
+    fe = None
+    if k and draw(st.booleans()):
+        fe = draw(hnp.arrays(np.int64, (n, B, T, k), elements=st.integers(-1, s.moe.n_experts - 1)))
+    return name, ids, fh, fe
+
+
+DEFAULT_SHAPES = ["mla-moe-mlp", "gqa-dense-1", "om-0.5"]  # tiny (gqa-moe) is the fixtures' spec
+
+
+@settings(max_examples=8)
+@given(inp=onnx_inputs(DEFAULT_SHAPES))
+def test_onnx_equals_torch_over_spec_shapes(inp):
+    """float64 (decisions exact: onnxruntime lands ~1e-11 from torch): drawn shapes, lengths, ids and forced
+    decisions through one dynamic graph per spec shape."""
+    name, ids, fh, fe = inp
+    s, n, tm, om = _shape_onnx(name, "float64")
+    assert_same(_torch_out(tm, ids, n, fh, fe), backends.forward("onnx", om, ids, n, force_halt=fh, force_experts=fe),
+                "float64")
+
+
+@pytest.mark.slow
+@settings(max_examples=40)
+@given(inp=onnx_inputs(["gqa-moe", "mla-moe-mlp", "gqa-dense-1", "mla-dense-8", "gqa-moe-all-k", "om-0.5"]),
+       chunks=st.lists(st.integers(1, 6), min_size=1, max_size=4))
+def test_onnx_full_and_decode_graphs_equal_torch_over_all_shapes(inp, chunks):
+    """Every strategies shape: the full graph as the forward, and the decode-step graph over drawn chunks as
+    the twin's cached decode."""
+    name, ids, fh, fe = inp
+    s, n, tm, om = _shape_onnx(name, "float64")
+    assert_same(_torch_out(tm, ids, n, fh, fe), backends.forward("onnx", om, ids, n, force_halt=fh, force_experts=fe),
+                "float64")
+    ox = backends.twin("onnx")
+    B, T = ids.shape
+    cache, past, pos = tm.init_cache(B, T, n), ox.init_cache(om, B, n), 0
+    for c in chunks + [T]:
+        if pos >= T:
+            break
+        c = min(c, T - pos)
+        with torch.no_grad():
+            a = mt.forward(tm, torch.from_numpy(ids[:, pos:pos + c]), n, cache=cache, start_pos=pos)
+        o = ox.decode(om, ids[:, pos:pos + c], n, past)
+        assert_same(a, o, "float64")
+        pos += c
+        assert_cache_same(cache, o.cache, pos, TOL["float64"])
+        past = o.cache
 
 
 # --------------------------------------------------------------------------- more specs and dtypes (slow)

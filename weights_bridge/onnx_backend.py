@@ -1,21 +1,16 @@
-"""ONNX Runtime as a backend: the torch twin exported to one ONNX graph, run by onnxruntime.
+"""ONNX Runtime as a backend: the torch twin exported to ONNX graphs (weights_bridge.onnx_export), run by onnxruntime.
 
     >>> from weights_bridge import backends
     >>> ox = backends.twin("onnx")                      # this module, imported on first use
     >>> model = ox.build(spec, seed=0, dtype="float64")  # an OnnxModel; graphs exported on first use per N
     >>> out = ox.forward(model, ids, 4)                  # ModelOutput of NumPy arrays, the twins' fields
-    >>> model = ox.OnnxModel.from_file("tiny.onnx", spec)  # a graph written by `mythos export onnx`
+    >>> tokens = ox.generate(model, ids, 16, 4)          # the decode-step graph with its KV cache, host sampling
+    >>> model = ox.OnnxModel.from_file("tiny.onnx", spec)  # a graph written by `mythos export onnx [--cache]`
 
-The graph (`export_model`; opset 18) takes
-    ids            (B, T) int64
-    force_halt     (B, T) int64       s in 1..N halts at step s, 0 never by threshold, -1 not forced
-    force_experts  (N, B, T, k) int64 routed experts of step t (-1: not forced); k = 0 for a dense FFN
-and returns logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32 and the
-Traces fields state_norm, halt_p, cum_p, running, expert_idx, router_margin, each (N, B, T[, k]), then
-values (B, T) and value (N, B, T) when the spec has a value head. N is fixed at export; B and T are
-dynamic by default. The loop is the twin's torch.while_loop form (`model.loop_form = "while"`, equal to
-the eager loop bit for bit), so ACT's early exit is one ONNX Loop; the routed experts run sparse (only
-the chosen experts' products, gathered weights), so a dynamic graph has no dense fallback.
+Two graphs per loop count N (onnx_export has their inputs and outputs): the full-sequence graph
+(`forward`: ACT's early exit as one ONNX Loop, forced decisions for replay) and the decode-step graph
+(`decode`, `generate`: past_*/present_* cache arrays). generate samples on the host with
+spec.sampling.sample_next, the twins' code, so the same seed gives the twins' tokens when the logits agree.
 
 onnx, onnxruntime and onnxscript are imported only when a graph is exported or run
 (`pip install 'mythos[onnx]'`); torch only to export.
@@ -25,28 +20,25 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import io
-import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+import os
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 import spec as S
+from spec.sampling import check_generate, sample_next
 
-from .atomic import atomic_write
 from .fileformat import BridgeError
+from .onnx_export import (DTYPES, DYNAMIC_AXES, INPUTS, OUTPUTS, PAST, PRESENT, TRACE_FIELDS, VALUE_OUTPUTS,
+                          ExportInfo, cache_names, check_cache_spec, check_dynamic, check_loops, decode_inputs,
+                          export_model, require)
 
-OPSET = 18
-DTYPES = ("float32", "float64")  # bfloat16: onnxruntime's CPU provider has no bfloat16 matmul
-DYNAMIC_AXES = ("batch", "seq")
-INPUTS = ("ids", "force_halt", "force_experts")
-TRACE_FIELDS = ("state_norm", "halt_p", "cum_p", "running", "expert_idx", "router_margin")
-OUTPUTS = ("logits", "loop_counts", "halted", "n_steps", *TRACE_FIELDS)
-VALUE_OUTPUTS = ("values", "value")  # only with a value head
+__all__ = ["DTYPES", "DYNAMIC_AXES", "INPUTS", "OUTPUTS", "TRACE_FIELDS", "VALUE_OUTPUTS", "ExportInfo", "require",
+           "check_dynamic", "check_loops", "export_model", "Traces", "ModelOutput", "OnnxModel", "build", "forward",
+           "init_cache", "decode", "generate", "dump_arrays", "set_parity_precision"]
 
 
 class Traces(NamedTuple):
@@ -62,152 +54,14 @@ class Traces(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    """The twins' ModelOutput as NumPy arrays; n_steps an int; no cache."""
+    """The twins' ModelOutput as NumPy arrays; n_steps an int; cache: the present arrays of a decode call, or None."""
     logits: np.ndarray
     loop_counts: np.ndarray
     halted: np.ndarray
     n_steps: int
     traces: Traces
-    cache: None = None
+    cache: dict[str, np.ndarray] | None = None
     values: np.ndarray | None = None
-
-
-class ExportInfo(NamedTuple):
-    """What export_model wrote."""
-    path: Path
-    n_loops: int
-    dtype: str
-    dynamic: tuple[str, ...]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    n_nodes: int  # nodes of the main graph
-    loop_nodes: int  # ONNX Loop nodes in it (1: the recurrent loop)
-    digest: str  # sha256 of the written file
-
-
-def require(*names: str) -> None:
-    """Import each module or raise a BridgeError saying how to install the ONNX extra."""
-    for name in names:
-        try:
-            __import__(name)
-        except ImportError:
-            raise BridgeError(f"the ONNX backend needs {name}, which is not installed: pip install 'mythos[onnx]'") \
-                from None
-
-
-def check_dynamic(dynamic: Sequence[str] | str) -> tuple[str, ...]:
-    """A subset of ("batch", "seq") in that order (a comma list is split), or a BridgeError naming --dynamic."""
-    if isinstance(dynamic, str):
-        dynamic = [d for d in dynamic.split(",") if d.strip()]
-    got = tuple(d.strip() for d in dynamic)
-    bad = [d for d in got if d not in DYNAMIC_AXES]
-    if bad:
-        raise BridgeError(f"--dynamic {','.join(bad)!r} is not allowed; allowed: {', '.join(DYNAMIC_AXES)} "
-                          "(comma-separated)")
-    return tuple(d for d in DYNAMIC_AXES if d in got)
-
-
-def check_loops(n_loops: object) -> int:
-    """n_loops >= 1, or a BridgeError naming --loops."""
-    if isinstance(n_loops, bool) or not isinstance(n_loops, (int, np.integer)) or n_loops < 1:
-        raise BridgeError(f"--loops {n_loops!r} must be an integer >= 1")
-    return int(n_loops)
-
-
-def _sort_stable():
-    """aten.sort.stable as ONNX TopK over the whole axis: TopK puts the lower index first on ties, as the
-    twins' stable sort does (torch.onnx has no translation of the stable sort)."""
-    from onnxscript import opset18 as op
-
-    def sort_stable(self, stable: bool | None = None, dim: int = -1, descending: bool = False):
-        n = op.Shape(self, start=dim, end=dim + 1 if dim != -1 else None)  # (1,) the axis length
-        values, indices = op.TopK(self, n, axis=dim, largest=1 if descending else 0, sorted=1)
-        return values, indices
-
-    return sort_stable
-
-
-def _wrapper(model: object, N: int):
-    """An nn.Module (ids, force_halt, force_experts) -> the flat outputs, through the twin's public forward."""
-    import torch
-
-    import mythos_torch as mt
-
-    value_head = model.spec.value_head.enabled
-
-    class Exported(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor, force_halt: torch.Tensor,
-                    force_experts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = mt.forward(self.model, ids, N, early_exit=True, force_halt=force_halt, force_experts=force_experts)
-            tr = out.traces
-            flat = (out.logits, out.loop_counts, out.halted, out.n_steps, *(getattr(tr, f) for f in TRACE_FIELDS))
-            return flat + ((out.values, tr.value) if value_head else ())
-
-    return Exported()
-
-
-def export_model(model: object, out_path: str | os.PathLike, *, n_loops: int | None = None,
-                 dynamic: Sequence[str] = DYNAMIC_AXES, example_shape: tuple[int, int] = (2, 8)) -> ExportInfo:
-    """Export a mythos_torch model (float32 or float64) to an ONNX graph at out_path, written atomically.
-
-    Args:
-        model: a mythos_torch Mythos (its loop_form is switched to "while" for the export, then restored).
-        out_path: the .onnx file (weights inside it).
-        n_loops: loop steps N baked into the graph (None: recurrent.max_loop_iters).
-        dynamic: axes left dynamic, a subset of ("batch", "seq"); () exports example_shape only.
-        example_shape: (B, T) of the example input the export traces with (T capped at max_seq_len).
-    Returns:
-        ExportInfo(path, n_loops, dtype, dynamic, inputs, outputs, n_nodes, loop_nodes, digest).
-    """
-    require("torch", "onnx", "onnxscript")
-    import onnx
-    import torch
-
-    import mythos_torch as mt
-
-    if type(model).__module__.split(".")[0] != "mythos_torch":
-        raise BridgeError(f"ONNX export takes a mythos_torch model, got {type(model).__module__}.{type(model).__name__}")
-    s = model.spec
-    dtype = mt.model.DTYPE_NAMES[model.embed.weight.dtype]
-    if dtype not in DTYPES:
-        raise BridgeError(f"ONNX export supports dtype {' or '.join(DTYPES)}, not {dtype} (onnxruntime's CPU "
-                          "provider has no bfloat16 matmul)")
-    dynamic = check_dynamic(dynamic)
-    N = s.recurrent.max_loop_iters if n_loops is None else check_loops(n_loops)
-    B, T = example_shape[0], min(example_shape[1], s.max_seq_len)
-    k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
-    args = (torch.zeros(B, T, dtype=torch.int64), torch.full((B, T), -1, dtype=torch.int64),
-            torch.full((N, B, T, k), -1, dtype=torch.int64))
-    shapes = None
-    if dynamic:
-        b = torch.export.Dim("batch", min=1) if "batch" in dynamic else None
-        t = torch.export.Dim("seq", min=1, max=s.max_seq_len) if "seq" in dynamic else None
-        axes = {i: d for i, d in enumerate((b, t)) if d is not None}
-        shapes = (axes, axes, {i + 1: d for i, d in axes.items()})
-    outputs = OUTPUTS + (VALUE_OUTPUTS if s.value_head.enabled else ())
-    form = model.loop_form
-    model.loop_form = "while"  # the torch.while_loop form: ACT's early exit as one ONNX Loop
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                _wrapper(model, N).eval(), args, input_names=list(INPUTS), output_names=list(outputs),
-                opset_version=OPSET, dynamo=True, dynamic_shapes=shapes, optimize=True, verbose=False,
-                custom_translation_table={torch.ops.aten.sort.stable: _sort_stable()})
-    finally:
-        model.loop_form = form
-    proto = program.model_proto
-    buf = io.BytesIO()
-    onnx.save_model(proto, buf)  # one file, weights inside (protobuf's 2 GB limit: models below ~500M float32)
-    data = buf.getvalue()
-    path = atomic_write(out_path, data)
-    nodes = proto.graph.node
-    return ExportInfo(path, N, dtype, dynamic, INPUTS, tuple(outputs), len(nodes),
-                      sum(n.op_type == "Loop" for n in nodes), hashlib.sha256(data).hexdigest())
 
 
 def _digest(spec: S.Spec, dtype: str, weights: Mapping[str, np.ndarray]) -> str:
@@ -221,16 +75,17 @@ def _digest(spec: S.Spec, dtype: str, weights: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-# exported graphs of this process: (weights digest, N) -> .onnx path in a temporary folder
-_EXPORTED: dict[tuple[str, int], Path] = {}
+# exported graphs of this process: (weights digest, N, cache) -> .onnx path in a temporary folder
+_EXPORTED: dict[tuple[str, int, bool], Path] = {}
 
 
 class OnnxModel:
-    """A Mythos model for onnxruntime: a spec, its weights (torch layout, NumPy) and one graph per loop count N.
+    """A Mythos model for onnxruntime: a spec, its weights (torch layout, NumPy) and two graphs per loop count N,
+    the full-sequence graph (cache=False) and the decode-step graph (cache=True).
 
-    Built from a spec and weights (`build`: each N's graph is exported on first use, into a temporary
-    folder, and shared by models with the same spec, dtype and weights), or from a written .onnx file
-    (`from_file`: that graph's N only; no weights to dump).
+    Built from a spec and weights (`build`: each graph is exported on first use, into a temporary folder,
+    and shared by models with the same spec, dtype and weights), or from a written .onnx file
+    (`from_file`: that graph only, full or decode step; no weights to dump).
     """
 
     def __init__(self, spec: S.Spec, dtype: str, weights: Mapping[str, np.ndarray] | None, *, threads: int = 0,
@@ -241,12 +96,12 @@ class OnnxModel:
         self.threads = threads  # onnxruntime intra-op threads; 0: its default (all cores)
         self.dynamic = check_dynamic(dynamic)
         self.digest = None if weights is None else _digest(spec, dtype, self.weights)
-        self.files: dict[int, Path] = {}  # N -> .onnx
-        self._sessions: dict[int, object] = {}
+        self.files: dict[tuple[int, bool], Path] = {}  # (N, cache) -> .onnx
+        self._sessions: dict[tuple[int, bool], object] = {}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, spec: S.Spec, *, threads: int = 0) -> "OnnxModel":
-        """A graph written by export_model / `mythos export onnx`, with the spec it was exported from."""
+        """A graph written by export_model / `mythos export onnx [--cache]`, with the spec it was exported from."""
         require("onnx", "onnxruntime")
         import onnx
 
@@ -260,44 +115,53 @@ class OnnxModel:
             raise BridgeError(f"{str(path)!r} is not an ONNX model: {e}") from None
         inputs = {i.name: i for i in proto.graph.input}
         outputs = [o.name for o in proto.graph.output]
-        if tuple(inputs) != INPUTS or tuple(outputs[:len(OUTPUTS)]) != OUTPUTS:
-            raise BridgeError(f"{str(path)!r} is not a Mythos graph: inputs {list(inputs)}, outputs {outputs} "
-                              f"(expected inputs {list(INPUTS)} and outputs starting {list(OUTPUTS)})")
-        N = inputs["force_experts"].type.tensor_type.shape.dim[0].dim_value
+        cache = tuple(inputs) == decode_inputs(spec)
+        if (tuple(inputs) != INPUTS and not cache) or tuple(outputs[:len(OUTPUTS)]) != OUTPUTS:
+            raise BridgeError(f"{str(path)!r} is not a Mythos graph of this spec: inputs {list(inputs)}, outputs "
+                              f"{outputs} (expected inputs {list(INPUTS)} or, a decode step, "
+                              f"{list(decode_inputs(spec))}, and outputs starting {list(OUTPUTS)})")
+        # N: the leading axis of force_experts (N, B, T, k), or of the state norms (N, B, T) of a decode step
+        dims = inputs["force_experts"].type if not cache else proto.graph.output[OUTPUTS.index("state_norm")].type
+        N = dims.tensor_type.shape.dim[0].dim_value
         elem = proto.graph.output[0].type.tensor_type.elem_type
         dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}.get(elem)
         if dtype is None or N < 1:
             raise BridgeError(f"{str(path)!r}: logits of ONNX type {elem}, N={N}: not a Mythos graph")
-        if (len(outputs) > len(OUTPUTS)) != spec.value_head.enabled:
+        if (VALUE_OUTPUTS[0] in outputs) != spec.value_head.enabled:
             raise BridgeError(f"{str(path)!r} and the spec disagree about the value head "
                               f"(spec value_head.enabled={spec.value_head.enabled})")
         model = cls(spec, dtype, None, threads=threads)
-        model.files[N] = path
+        model.files[N, cache] = path
         return model
 
-    def file(self, N: int) -> Path:
-        """The .onnx graph for N loop steps (exported now if this model has weights and none exists yet)."""
-        if N in self.files:
-            return self.files[N]
+    def file(self, N: int, cache: bool = False) -> Path:
+        """The .onnx graph for N loop steps, full or decode step (exported now if this model has weights)."""
+        if (N, cache) in self.files:
+            return self.files[N, cache]
         if self.weights is None:
-            raise BridgeError(f"this ONNX model was loaded from {', '.join(map(str, self.files.values()))}, "
-                              f"exported for n_loops={', '.join(map(str, self.files))}; it cannot run n_loops={N} "
-                              "(export another graph with `mythos export onnx --loops`)")
-        key = (self.digest, N)
+            kind = "decode-step graph" if cache else "full-sequence graph"
+            held = ", ".join(f"n_loops={n}{' (decode step)' if c else ''}" for n, c in self.files)
+            raise BridgeError(f"this ONNX model was loaded from {', '.join(map(str, self.files.values()))} ({held}); "
+                              f"it has no {kind} for n_loops={N} (export one with `mythos export onnx --loops {N}"
+                              f"{' --cache' if cache else ''}`)")
+        if cache:
+            check_cache_spec(self.spec)
+        key = (self.digest, N, cache)
         if key not in _EXPORTED or not _EXPORTED[key].is_file():
             import mythos_torch as mt
 
             torch_model = mt.build(self.spec, dtype=self.dtype, weights=self.weights)
             folder = Path(tempfile.mkdtemp(prefix="mythos-onnx-"))
             atexit.register(shutil.rmtree, folder, True)  # the process's exports go when it ends
-            _EXPORTED[key] = export_model(torch_model, folder / f"mythos-N{N}.onnx", n_loops=N,
-                                          dynamic=self.dynamic).path
-        self.files[N] = _EXPORTED[key]
-        return self.files[N]
+            name = f"mythos-N{N}{'-step' if cache else ''}.onnx"
+            _EXPORTED[key] = export_model(torch_model, folder / name, n_loops=N, dynamic=self.dynamic,
+                                          cache=cache).path
+        self.files[N, cache] = _EXPORTED[key]
+        return self.files[N, cache]
 
-    def session(self, N: int) -> object:
-        """The onnxruntime InferenceSession of N's graph (CPU provider; threads as set), made once."""
-        if N not in self._sessions:
+    def session(self, N: int, cache: bool = False) -> object:
+        """The onnxruntime InferenceSession of a graph (CPU provider; threads as set), made once."""
+        if (N, cache) not in self._sessions:
             require("onnxruntime")
             import onnxruntime as ort
 
@@ -305,18 +169,20 @@ class OnnxModel:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3  # errors only
-            self._sessions[N] = ort.InferenceSession(str(self.file(N)), opts, providers=["CPUExecutionProvider"])
-        return self._sessions[N]
+            self._sessions[N, cache] = ort.InferenceSession(str(self.file(N, cache)), opts,
+                                                            providers=["CPUExecutionProvider"])
+        return self._sessions[N, cache]
 
 
 def build(spec: S.Spec, seed: int = 0, dtype: str = "float32",
-          weights: Mapping[str, np.ndarray] | None = None) -> OnnxModel:
-    """An OnnxModel holding spec.init_arrays(spec, seed) or weights (torch layout, as the twins' build)."""
+          weights: Mapping[str, np.ndarray] | None = None, *, threads: int = 0) -> OnnxModel:
+    """An OnnxModel holding spec.init_arrays(spec, seed) or weights (torch layout, as the twins' build);
+    threads: onnxruntime's intra-op threads (0: its default, every core)."""
     if dtype not in DTYPES:
         raise BridgeError(f"dtype={dtype!r} is not supported by the ONNX backend; choose one of {', '.join(DTYPES)}")
     arrays = S.init_arrays(spec, seed) if weights is None else weights
     # in the model dtype, as the twins hold them (router_bias too: its acc dtype is the model dtype here)
-    return OnnxModel(spec, dtype, {k: np.asarray(v).astype(dtype) for k, v in arrays.items()})
+    return OnnxModel(spec, dtype, {k: np.asarray(v).astype(dtype) for k, v in arrays.items()}, threads=threads)
 
 
 def forward(model: OnnxModel, ids: np.ndarray, n_loops: int | None = None, *, early_exit: bool = True,
@@ -329,14 +195,8 @@ def forward(model: OnnxModel, ids: np.ndarray, n_loops: int | None = None, *, ea
     """
     s = model.spec
     N = s.recurrent.max_loop_iters if n_loops is None else check_loops(n_loops)
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be an integer array of shape (B, T) with T >= 1, got {ids.dtype} {ids.shape}")
+    ids = _check_ids(s, ids)
     B, T = ids.shape
-    if T > s.max_seq_len:
-        raise ValueError(f"ids has T={T} tokens, more than max_seq_len={s.max_seq_len}")
-    if ids.size and (ids.min() < 0 or ids.max() >= s.vocab_size):
-        raise ValueError(f"ids must lie in [0, vocab_size={s.vocab_size}), got values in [{ids.min()}, {ids.max()}]")
     k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
     fh = np.full((B, T), -1, np.int64) if force_halt is None else np.asarray(force_halt).astype(np.int64)
     fe = np.full((N, B, T, k), -1, np.int64) if force_experts is None else np.asarray(force_experts).astype(np.int64)
@@ -349,17 +209,97 @@ def forward(model: OnnxModel, ids: np.ndarray, n_loops: int | None = None, *, ea
     if fe.size and (fe.min() < -1 or fe.max() >= s.moe.n_experts):
         raise ValueError(f"force_experts must name experts in 0..{s.moe.n_experts - 1} (or -1), got "
                          f"[{fe.min()}, {fe.max()}]")
-    sess = model.session(N)
-    dyn = model.dynamic if model.weights is not None else None
+    got = _run(model, N, False, {"ids": ids, "force_halt": fh, "force_experts": fe})
+    return _output(s, got, None)
+
+
+def init_cache(model: OnnxModel, batch: int, n_loops: int | None = None) -> dict[str, np.ndarray]:
+    """The empty cache of the decode-step graph: past_<name> arrays holding no position (axis 2 of length 0)."""
+    N = model.spec.recurrent.max_loop_iters if n_loops is None else check_loops(n_loops)
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"init_cache: batch={batch!r} must be an integer >= 1")
+    return {n: np.zeros(shape, model.dtype) for n, shape in S.cache_shapes(model.spec, int(batch), 0, N).items()}
+
+
+def decode(model: OnnxModel, ids: np.ndarray, n_loops: int | None, cache: Mapping[str, np.ndarray]) -> ModelOutput:
+    """The decode-step graph: ids (B, T) at positions P..P+T-1 after the cache's P -> ModelOutput whose
+    `cache` holds positions 0..P+T-1 (the twins' cached forward: every loop step runs)."""
+    s = model.spec
+    N = s.recurrent.max_loop_iters if n_loops is None else check_loops(n_loops)
+    ids = _check_ids(s, ids)
+    names = cache_names(s)
+    if set(cache) != set(names):
+        raise ValueError(f"cache must hold the arrays {', '.join(names)} (init_cache), got {', '.join(cache) or 'none'}")
+    P = next(iter(cache.values())).shape[2]
+    if P + ids.shape[1] > s.max_seq_len:
+        raise ValueError(f"positions {P}..{P + ids.shape[1] - 1} exceed max_seq_len={s.max_seq_len}")
+    got = _run(model, N, True, {"ids": ids, **{PAST + n: np.asarray(cache[n]) for n in names}})
+    n_out = len(got) - len(names)
+    return _output(s, got[:n_out], dict(zip(names, got[n_out:])))
+
+
+def generate(model: OnnxModel, ids: np.ndarray, max_new_tokens: int, n_loops: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """The twins' generate on the decode-step graph: a prefill (P = 0), then one token per step, sampled
+    on the host by spec.sampling.sample_next; the twins' arguments and result ((B, T + max_new_tokens) int64)."""
+    s = model.spec
+    N = s.recurrent.max_loop_iters if n_loops is None else check_loops(n_loops)
+    ids = _check_ids(s, ids)
+    B, T = ids.shape
+    check_generate(s, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    if max_new_tokens == 0:
+        return ids
+    rng = np.random.default_rng(seed)
+    done = np.zeros(B, dtype=bool)
+    new: list[np.ndarray] = []
+    out = decode(model, ids, N, init_cache(model, B, N))  # prefill
+    for _ in range(max_new_tokens):
+        tok = sample_next(out.logits[:, -1].astype(np.float64), rng, temperature, top_k, top_p)  # (B,)
+        if eos_id is not None:
+            tok = np.where(done, eos_id, tok)
+            done |= tok == eos_id
+        new.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(new) == max_new_tokens or done.all():
+            break
+        out = decode(model, tok[:, None], N, out.cache)
+    tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
+    tail[:, :len(new)] = np.stack(new, axis=1)
+    return np.concatenate([ids, tail], axis=1)
+
+
+def _check_ids(s: S.Spec, ids: np.ndarray) -> np.ndarray:
+    """ids as a (B, T) int64 array within the vocabulary and max_seq_len, or a clear ValueError."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be an integer array of shape (B, T) with T >= 1, got {ids.dtype} {ids.shape}")
+    if ids.shape[1] > s.max_seq_len:
+        raise ValueError(f"ids has T={ids.shape[1]} tokens, more than max_seq_len={s.max_seq_len}")
+    if ids.size and (ids.min() < 0 or ids.max() >= s.vocab_size):
+        raise ValueError(f"ids must lie in [0, vocab_size={s.vocab_size}), got values in [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int64)
+
+
+def _run(model: OnnxModel, N: int, cache: bool, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """sess.run of one graph; onnxruntime's refusal (a shape the graph does not take) as a ValueError."""
+    sess = model.session(N, cache)
     try:
-        got = sess.run(None, {"ids": ids.astype(np.int64), "force_halt": fh, "force_experts": fe})
+        return sess.run(None, feed)
     except Exception as e:  # onnxruntime's errors name the input shape the graph refused
-        raise ValueError(f"onnxruntime refused the call (a graph exported with dynamic axes {dyn}; "
-                         f"B={B}, T={T}): {e}") from None
+        dyn = model.dynamic if model.weights is not None else None
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items())
+        raise ValueError(f"onnxruntime refused the call (a graph exported with dynamic axes {dyn}; {shapes}): "
+                         f"{e}") from None
+
+
+def _output(s: S.Spec, got: Sequence[np.ndarray], cache: dict[str, np.ndarray] | None) -> ModelOutput:
+    """The graph's flat outputs (OUTPUTS, then VALUE_OUTPUTS with a value head) as a ModelOutput."""
     logits, counts, halted, n_steps, *rest = got
     traces = Traces(*rest[:len(TRACE_FIELDS)], value=rest[len(TRACE_FIELDS) + 1] if s.value_head.enabled else None)
     values = rest[len(TRACE_FIELDS)] if s.value_head.enabled else None
-    return ModelOutput(logits, counts, halted, int(n_steps), traces, None, values)
+    return ModelOutput(logits, counts, halted, int(n_steps), traces, cache, values)
 
 
 def dump_arrays(model: OnnxModel) -> dict[str, np.ndarray]:
