@@ -11,27 +11,29 @@ from .layers import RMSNorm, acc_dtype, apply_rope
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, q_start: int | jax.Array | None = None,
-                     *, attn_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                     *, attn_probs: bool = False, pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (out (B,T,H,K_v), probs).
 
     Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
     q_start + i (None: the queries are the last T keys). probs: with attn_probs, the probabilities
     (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`); else None.
+    pad (B,) int: row b's first pad[b] keys are left padding, seen by no query but their own (None: none).
     """
     T, S = q.shape[1], k.shape[1]
     start = S - T if q_start is None else q_start
     if attn_probs:
-        p = attention_probs(q, k, scale, start)  # (B, H, T, S)
+        p = attention_probs(q, k, scale, start, pad)  # (B, H, T, S)
         return _weighted_values(p.astype(v.dtype), v), p
-    if q_start is None and T == S and q.dtype != jnp.float64 and v.shape[-1] == q.shape[-1]:
+    if q_start is None and T == S and q.dtype != jnp.float64 and v.shape[-1] == q.shape[-1] and pad is None:
         # no cache: XLA's fused form, 8-12% faster forwards here, the same float32 arithmetic (logits in
         # float32 also for bfloat16, softmax in float32). It always soft-maxes in float32, so a float64
         # model keeps the explicit path (exact float64 parity); it also needs K_v == K (MLA may differ)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla"), None
-    return _weighted_values(attention_probs(q, k, scale, start).astype(v.dtype), v), None
+    return _weighted_values(attention_probs(q, k, scale, start, pad).astype(v.dtype), v), None
 
 
-def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.Array) -> jax.Array:
+def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.Array,
+                    pad: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T * scale) under the causal mask, (B, H, T, S) in the acc dtype (the explicit computation)."""
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -44,6 +46,10 @@ def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.A
     # causal mask by absolute position: query start + i sees keys 0..start + i (with a cache, start is
     # traced and keys past it hold zeros or stale rows: always masked)
     mask = jnp.arange(S, dtype=jnp.int32)[None, :] <= (start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, S)
+    if pad is not None:  # left padding (docs/semantics.md "Padding"): keys j < pad[b] seen only by their own query
+        j = jnp.arange(S, dtype=jnp.int32)
+        own = j[None, :] == (start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, S): a pad sees itself
+        mask = (mask & ((j >= pad[:, None])[:, None, :] | own))[:, None, None]  # (B, 1, 1, T, S)
     scores = jnp.where(mask, scores, jnp.array(-jnp.inf, dtype=scores.dtype))
     return jax.nn.softmax(scores, axis=-1).reshape(B, H, T, S)  # head n*G + g = query head j
 
@@ -70,9 +76,11 @@ class GQAttention(nnx.Module):
         self.wo = nnx.Linear(n_heads * hd, dim, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
-                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, attn_probs: bool = False
-                 ) -> tuple[jax.Array, jax.Array | None]:
-        """x (B, T, D) -> (out (B, T, D), attention probabilities (B, H, T, S) in acc dtype if attn_probs else None)."""
+                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, attn_probs: bool = False,
+                 pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """x (B, T, D) -> (out (B, T, D), attention probabilities (B, H, T, S) in acc dtype if attn_probs else None).
+
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
         B, T, _ = x.shape
         hd = self.head_dim
         qk = jnp.concatenate([self.wq(x).reshape(B, T, self.n_heads, hd),
@@ -83,7 +91,7 @@ class GQAttention(nnx.Module):
             k, v = cache.write(layer, start_pos, k=k, v=v)  # all S positions of the cache
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out, p = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs)
+        out, p = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad)
         return self.wo(out.reshape(B, T, self.n_heads * hd)), p
 
 
@@ -112,9 +120,11 @@ class MLAttention(nnx.Module):
         self.wo = nnx.Linear(H * v_head_dim, dim, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
-                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, attn_probs: bool = False
-                 ) -> tuple[jax.Array, jax.Array | None]:
-        """x (B, T, D) -> (out (B, T, D), attention probabilities (B, H, T, S) in acc dtype if attn_probs else None)."""
+                 layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, attn_probs: bool = False,
+                 pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """x (B, T, D) -> (out (B, T, D), attention probabilities (B, H, T, S) in acc dtype if attn_probs else None).
+
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -130,5 +140,5 @@ class MLAttention(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_r, (B, S, H, rope))], axis=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
         # (B, T, H, vd); scale as open-mythos
-        out, p = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs)
+        out, p = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad)
         return self.wo(out.reshape(B, T, H * vd)), p

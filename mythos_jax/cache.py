@@ -18,11 +18,14 @@ class KVCache:
     `k_r` (L, B, S, 1, rope), one per token; (L, B, S, H, rope) under openmythos-0.5, as upstream.
     With the compressor, per loop step: `summaries` (N, B, C, m, D) of every chunk and the rows of the
     chunk still open, `chunk_states` (N, B, c, D) (docs/components.md).
+    `pad` (B,) int32: each row's left padding, set by the prefill's attention_mask (docs/semantics.md
+    "Padding"); zeros: no padding.
     """
 
-    def __init__(self, arrays: dict[str, jax.Array], n_loops: int):
+    def __init__(self, arrays: dict[str, jax.Array], n_loops: int, pad: jax.Array | None = None):
         self.arrays = dict(arrays)
         self.n_loops = n_loops
+        self.pad = jnp.zeros(next(iter(self.arrays.values())).shape[1], dtype=jnp.int32) if pad is None else pad
 
     @property
     def batch(self) -> int:
@@ -80,14 +83,16 @@ class KVCache:
 
     def copy(self) -> KVCache:
         """A new cache object holding the same arrays (writes to it leave this one unchanged)."""
-        return KVCache(self.arrays, self.n_loops)
+        return KVCache(self.arrays, self.n_loops, self.pad)
 
     def tree_flatten(self) -> tuple[tuple[jax.Array, ...], tuple[tuple[str, ...], int]]:
-        return tuple(self.arrays.values()), (tuple(self.arrays), self.n_loops)
+        return (*self.arrays.values(), self.pad), (tuple(self.arrays), self.n_loops)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[tuple[str, ...], int], leaves: tuple[jax.Array, ...]) -> KVCache:
-        return cls(dict(zip(aux[0], leaves)), aux[1])
+        cache = cls.__new__(cls)  # not __init__: jax may unflatten with placeholder leaves (no shapes)
+        cache.arrays, cache.n_loops, cache.pad = dict(zip(aux[0], leaves[:-1])), aux[1], leaves[-1]
+        return cache
 
 
 def init_cache(spec: Spec, batch: int, max_len: int, n_loops: int, dtype: jnp.dtype) -> KVCache:

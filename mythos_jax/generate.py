@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spec.sampling import check_generate, sample_next
+from spec.sampling import check_generate, check_stop, finish_step, sample_next
 
 from .cache import KVCache
 
 
 def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None) -> jax.Array:
+             eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None,
+             attention_mask: jax.Array | None = None, stop: Sequence[Sequence[int]] | None = None) -> jax.Array:
     """Decode with a KV cache from a Mythos model (model.generate calls this; model.py imports this file).
 
     Args:
@@ -30,8 +31,12 @@ def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: in
         temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
         top_k, top_p: sampling filters (None: off).
         seed: seed of numpy.random.default_rng, one uniform per row per step.
-        eos_id: a row that emits it is padded with it; decoding stops once every row has.
+        eos_id: a row that emits it is padded with it; decoding stops once every row is done.
         on_token: called with each step's new tokens (B,) int64, as they come (streaming).
+        attention_mask: (B, T) 0/1 for a left-padded prompt (forward's; docs/semantics.md "Padding"): each
+            row decodes as it would alone. None: no padding.
+        stop: token-id sequences, e.g. [[10], [46, 46]]: a row whose new tokens end with one is done (the
+            sequence is kept). A done row's later tokens are eos_id, or -1 without one.
     Returns:
         (B, T + max_new_tokens) int32: the prompt followed by the new tokens.
     """
@@ -39,6 +44,8 @@ def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: in
     N = model._check_loops(n_loops)
     B, T = ids.shape
     check_generate(model.spec, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    stop = check_stop(stop, model.spec.vocab_size)
+    pad = model._check_mask(attention_mask, None, 0, B, T)
     if max_new_tokens == 0:
         return ids
     # the capacity is rounded up to a power of two, so prompts of similar length share compiled steps
@@ -48,20 +55,18 @@ def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: in
     rng = np.random.default_rng(seed)
     done = np.zeros(B, dtype=bool)
     new: list[np.ndarray] = []
-    out = _cached_forward(static, leaves, cache, ids, jnp.int32(0), N, None, None)  # prefill
+    out = _cached_forward(static, leaves, cache, ids, jnp.int32(0), N, None, None, pad)  # prefill: the cache keeps pad
     for i in range(max_new_tokens):
         logits = np.asarray(out.logits)[:, -1].astype(np.float64)  # (B, V)
         tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
-        if eos_id is not None:
-            tok = np.where(done, eos_id, tok)
-            done |= tok == eos_id
+        tok, done = finish_step(tok, new, done, eos_id, stop)  # done rows: eos_id or -1 (spec.sampling)
         new.append(tok)
         if on_token is not None:
             on_token(tok)
         if len(new) == max_new_tokens or done.all():
             break
-        step = jnp.asarray(tok[:, None], dtype=jnp.int32)
-        out = _cached_forward(static, leaves, out.cache, step, jnp.int32(T + i), N, None, None)
+        step = jnp.asarray(np.maximum(tok, 0)[:, None], dtype=jnp.int32)  # a done row's -1 fill runs as id 0
+        out = _cached_forward(static, leaves, out.cache, step, jnp.int32(T + i), N, None, None, pad)
     tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
     if new:
         tail[:, :len(new)] = np.stack(new, axis=1)
@@ -88,12 +93,13 @@ class _Static:
         return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 8), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 5, 9), donate_argnums=(2,))
 def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, ids: jax.Array, start_pos: jax.Array,
                     n_loops: int, force_halt: jax.Array | None, force_experts: jax.Array | None,
-                    attn_probs: bool = False) -> tuple:
+                    pad: jax.Array | None, attn_probs: bool = False) -> tuple:
     """The forward with a cache, compiled once per shapes and n_loops: start_pos is traced, so one
     program serves every position (generate's hot path, and forward(..., cache=...)); -> a ModelOutput.
+    pad (B,): left padding (None: none, a program without a padding mask).
 
     A pure function of the model's state leaves (static: graphdef and state treedef), so no nnx.jit
     graph walk per token; the cache buffers are donated, so XLA updates them in place.
@@ -101,7 +107,7 @@ def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, id
     TRACE_COUNTS["cached_forward"] += 1
     graphdef, treedef = static.value
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos, attn_probs)
+    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos, attn_probs, pad=pad)
 
 
 def _split(model: nnx.Module) -> tuple[_Static, list[jax.Array]]:

@@ -32,12 +32,12 @@ class RMSNorm(nnx.Module):
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, T, H, K) by cos/sin (T, K/2), in their dtype."""
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, T, H, K) by cos/sin (T, K/2) or (B, T, K/2), in their dtype."""
     # the rotation runs in the table's dtype: the activation dtype, float32 for bfloat16, and
     # float32 under openmythos-0.5 even in a float64 model (open-mythos' x.float())
     xr = x.astype(cos.dtype).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     x0, x1 = xr[..., 0], xr[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]  # (T, 1, K/2), or (B, T, 1, K/2) per row
     out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
 

@@ -33,11 +33,14 @@ def ponder_cost(cum_p: jax.Array, loop_counts: jax.Array) -> jax.Array:
 
     cum_p (N, B, T) c after each step, loop_counts (B, T) int -> scalar. c before step s is c after
     step s - 1 (0 before the first), read directly rather than as cum_p - halt_p (no rounding).
+    Left padding (loop count 0) is left out of the mean.
     """
     c_before = jnp.concatenate([jnp.zeros_like(cum_p[:1]), cum_p[:-1]])  # (N, B, T)
-    step = loop_counts.astype(jnp.int32) - 1  # (B, T) 0-based halting step
+    step = jnp.maximum(loop_counts.astype(jnp.int32) - 1, 0)  # (B, T) 0-based halting step
     R = 1.0 - jnp.take_along_axis(c_before, step[None], axis=0)[0]  # (B, T)
-    return (loop_counts.astype(cum_p.dtype) + R).mean()
+    real = loop_counts > 0
+    # the mean over real positions as mean * (n / n_real): exactly the plain mean without padding
+    return jnp.where(real, loop_counts.astype(cum_p.dtype) + R, 0.0).mean() * _real_share(real, cum_p.dtype)
 
 
 def halting_entropy(halt_p: jax.Array, running: jax.Array) -> jax.Array:
@@ -66,6 +69,16 @@ def consistency(value_steps: jax.Array, values: jax.Array, running: jax.Array) -
     return (d * d * r).sum() / jnp.maximum(r.sum(), 1)
 
 
+def _real_share(real: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """n / n_real in dtype for a bool of real positions (B, T): 1.0 without padding (mean * it = the plain mean)."""
+    return real.size / jnp.maximum(real.sum(), 1).astype(dtype)
+
+
+def _mean_loops(loop_counts: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The mean loop count over real positions (left padding, loop count 0, left out), a scalar in dtype."""
+    return loop_counts.astype(dtype).mean() * _real_share(loop_counts > 0, dtype)
+
+
 def total_loss(spec: Spec, out: ModelOutput, targets: jax.Array, mask: jax.Array
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training loss of spec.loss and its parts.
@@ -90,7 +103,7 @@ def total_loss(spec: Spec, out: ModelOutput, targets: jax.Array, mask: jax.Array
     if w.halting_entropy > 0:
         loss = loss - w.halting_entropy * entropy
     parts = {"ce": sg(ce), "ponder": sg(ponder), "halting_entropy": sg(entropy),
-             "loops": out.loop_counts.astype(ce.dtype).mean()}
+             "loops": _mean_loops(out.loop_counts, ce.dtype)}
     if spec.value_head.enabled:
         cons = consistency(tr.value, out.values, tr.running)
         if w.consistency > 0:

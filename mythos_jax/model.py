@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,7 @@ class Mythos(nnx.Module):
     def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
                  force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
                  cache: KVCache | None = None, start_pos: int | jax.Array = 0, attn_probs: bool = False,
-                 no_grad_steps: int = 0) -> ModelOutput:
+                 no_grad_steps: int = 0, attention_mask: jax.Array | None = None) -> ModelOutput:
         """Logits, loop counts and traces for token ids (uncompiled; `forward` is the compiled call).
 
         Args:
@@ -86,9 +86,14 @@ class Mythos(nnx.Module):
             attn_probs: also return the looped block's attention probabilities per step (traces.attn_probs).
             no_grad_steps: the first no_grad_steps loop steps (0..N) run without gradient (truncated backprop);
                 an int (static: 0 compiles no extra code) or, inside jit, a traced integer.
+            attention_mask: (B, start_pos + T) 0/1 (bool or int), 1 = real token, 0 = left padding: each row
+                zeros then ones, at least one 1 (docs/semantics.md "Padding"). None: no padding. With a cache
+                the prefill (start_pos 0) sets the padding, which the cache remembers (cache.pad); later
+                calls may omit the mask or pass one that agrees with it. Checked outside jit only.
         Returns:
             ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces,
-            cache: the updated cache, values (B, T) or None).
+            cache: the updated cache, values (B, T) or None). Pads: loop count 0, never running; their logits
+            are finite and meaningless.
         """
         ids = self._check_ids(jnp.asarray(ids))
         N = self._check_loops(n_loops)
@@ -96,31 +101,38 @@ class Mythos(nnx.Module):
         force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
         start_pos = self._check_cache(cache, start_pos, N, B, T)
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
+        pad = self._check_mask(attention_mask, cache, start_pos, B, T)
         return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos,
-                             bool(attn_probs), no_grad_steps)
+                             bool(attn_probs), no_grad_steps, pad)
 
     def _forward(self, ids: jax.Array, N: int, early_exit: bool, force_halt: jax.Array | None,
                  force_experts: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array,
-                 attn_probs: bool = False, no_grad_steps: int = 0) -> ModelOutput:
-        """__call__ after its checks."""
+                 attn_probs: bool = False, no_grad_steps: int = 0, pad: jax.Array | None = None) -> ModelOutput:
+        """__call__ after its checks; pad (B,) or None: no padding."""
         T = ids.shape[1]
         # absolute positions start_pos..start_pos+T-1 (with a cache start_pos may be traced: a dynamic slice)
         cos, sin = _rope(self.spec, self.rope_dtype.name)
-        if cache is None:
+        S = T if cache is None else cache.capacity
+        if cache is not None:
+            cache = cache.copy()  # the caller's cache keeps its arrays; out.cache holds the updated ones
+            # the prefill sets the padding the later calls use (pad None: no padding, as a start_pos 0 call says)
+            cache.pad = jnp.zeros_like(cache.pad) if pad is None else pad.astype(jnp.int32)
+        if pad is not None:  # left padding: slot s of row b sits at position s - pad[b] (pads at 0), (B, T, K/2)
+            pos = jnp.maximum(start_pos + jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None], 0)
+            cos, sin = jnp.asarray(cos[:S])[pos], jnp.asarray(sin[:S])[pos]
+        elif cache is None:
             cos, sin = jnp.asarray(cos[:T]), jnp.asarray(sin[:T])
         else:
-            cache = cache.copy()  # the caller's cache keeps its arrays; out.cache holds the updated ones
-            S = cache.capacity
             cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos[:S]), start_pos, T)
             sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin[:S]), start_pos, T)
         P = len(self.prelude)
         x = self.embed(ids)  # (B, T, D)
         for i, block in enumerate(self.prelude):
-            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos)
+            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos, pad=pad)
         y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
-                                                              cache, start_pos, attn_probs, no_grad_steps)
+                                                              cache, start_pos, attn_probs, no_grad_steps, pad)
         for j, block in enumerate(self.coda):
-            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos)
+            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos, pad=pad)
         y = self.norm(y)
         if self.head is None:
             logits = jnp.einsum("btd,vd->btv", y, self.embed.embedding[...])  # (B, T, V), tied head E^T
@@ -131,9 +143,12 @@ class Mythos(nnx.Module):
 
     def loop(self, e: jax.Array, cos: jax.Array, sin: jax.Array, N: int, early_exit: bool,
              force_halt: jax.Array | None, force_experts: jax.Array | None, cache: KVCache | None = None,
-             start_pos: int | jax.Array = 0, attn_probs: bool = False, no_grad_steps: int | jax.Array = 0
-             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces, KVCache | None]:
-        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache."""
+             start_pos: int | jax.Array = 0, attn_probs: bool = False, no_grad_steps: int | jax.Array = 0,
+             pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces, KVCache | None]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache.
+
+        pad (B,): left padding; pads start not running (weight 0, loop count 0), so they never keep the loop alive.
+        """
         s, rec = self.spec, self.recurrent
         B, T, _ = e.shape
         act = acc_dtype(e.dtype)
@@ -147,7 +162,7 @@ class Mythos(nnx.Module):
             fx = None if force_experts is None else force_experts[t]
             args = (rec, state, t, e, rows[t], cos, sin, fx, force_halt)
             kw = dict(halting=s.halting, last=t == N - 1, start_pos=start_pos, layer=P + t, attn_probs=attn_probs,
-                      value=value)
+                      value=value, pad=pad)
             state, trace = loop_step(*args, **kw)
             trace = Traces(*trace)
             if not isinstance(no_grad_steps, int) or no_grad_steps > 0:
@@ -170,8 +185,13 @@ class Mythos(nnx.Module):
         if rec.compressor is not None and cache is None:  # step t-1's summaries (masked at step 0)
             cp = s.recurrent.compressor
             summaries = jnp.zeros((B, T // cp.chunk, cp.n_summaries, s.dim), e.dtype)
-        state = LoopState(e, jnp.zeros_like(e), jnp.zeros((B, T), dtype=act), jnp.ones((B, T), dtype=jnp.bool_),
-                          jnp.zeros((B, T), dtype=jnp.bool_), jnp.full((B, T), N, dtype=jnp.int32), cache, memory,
+        counts = jnp.full((B, T), N, dtype=jnp.int32)
+        running = jnp.ones((B, T), dtype=jnp.bool_)
+        if pad is not None:  # pads (slot < pad) never run: loop count 0
+            running = (start_pos + jnp.arange(T, dtype=jnp.int32))[None, :] >= pad[:, None]
+            counts = jnp.where(running, counts, 0)
+        state = LoopState(e, jnp.zeros_like(e), jnp.zeros((B, T), dtype=act), running,
+                          jnp.zeros((B, T), dtype=jnp.bool_), counts, cache, memory,
                           summaries)
         k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
         S = T if cache is None else cache.capacity
@@ -204,9 +224,11 @@ class Mythos(nnx.Module):
 
     def generate(self, ids: jax.Array, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
-                 on_token: Callable[[np.ndarray], None] | None = None) -> jax.Array:
+                 on_token: Callable[[np.ndarray], None] | None = None, attention_mask: jax.Array | None = None,
+                 stop: Sequence[Sequence[int]] | None = None) -> jax.Array:
         """Decode with a KV cache: the prompt, then one token per step; generate.generate(self, ...) has the Args."""
-        return generate(self, ids, max_new_tokens, n_loops, temperature, top_k, top_p, seed, eos_id, on_token=on_token)
+        return generate(self, ids, max_new_tokens, n_loops, temperature, top_k, top_p, seed, eos_id, on_token=on_token,
+                        attention_mask=attention_mask, stop=stop)
 
     def _check_ids(self, ids: jax.Array) -> jax.Array:
         """ids as a (B, T) int32 array within the vocabulary and max_seq_len, or a clear ValueError."""
@@ -282,6 +304,63 @@ class Mythos(nnx.Module):
                              f"got [{int(force_halt.min())}, {int(force_halt.max())}]")
         return force_halt.astype(jnp.int32), force_experts
 
+    def _check_mask(self, attention_mask: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array,
+                    B: int, T: int) -> jax.Array | None:
+        """Each row's left padding pad (B,) int32 from attention_mask (B, start_pos + T), or None when no row is
+        padded (the unpadded path); with a cache and no mask, the cache's. A clear ValueError otherwise.
+        Inside jit (a traced mask or cache) the values are taken as checked: pad is always returned."""
+        if attention_mask is None:
+            if cache is None:
+                return None
+            if not (_concrete(cache.pad) and _concrete(start_pos)):
+                return jnp.where(start_pos == 0, 0, cache.pad)  # start_pos 0: a new sequence, unpadded
+            if start_pos == 0 or not np.asarray(cache.pad).any():
+                return None
+            return cache.pad
+        m = jnp.asarray(attention_mask)
+        # a traced start_pos (inside jit): only B and the rank are checked
+        want = (B, start_pos + T) if _concrete(start_pos) else (B, m.shape[1] if m.ndim == 2 else -1)
+        if tuple(m.shape) != want:
+            raise ValueError(f"attention_mask must have shape (B, start_pos + T) = {want} (1 = real token, 0 = left "
+                             f"padding), got {tuple(m.shape)}")
+        if not (jnp.issubdtype(m.dtype, jnp.integer) or m.dtype == jnp.bool_):
+            raise ValueError(f"attention_mask must be bool or integer 0/1, got dtype {m.dtype}")
+        if self.recurrent.compressor is not None and not _concrete(m):
+            raise ValueError("attention_mask inside jit is refused by recurrent.compressor (the context compressor): "
+                             "its chunks start at absolute slots, so left padding would change the real tokens' "
+                             "summaries; pass unpadded rows")
+        if not _concrete(m):
+            return (m == 0).sum(-1).astype(jnp.int32)
+        pad = _mask_pad(np.asarray(m).astype(np.int64))
+        if cache is not None and _concrete(start_pos) and start_pos > 0 and _concrete(cache.pad):
+            stored = np.asarray(cache.pad)
+            if not np.array_equal(pad, stored):
+                b = int(np.nonzero(pad != stored)[0][0])
+                raise ValueError(f"attention_mask disagrees with the cache: row {b} has {int(pad[b])} leading zeros, "
+                                 f"its prefill had {int(stored[b])} (the prefix must be the prefill's mask, the new "
+                                 "columns ones; or omit attention_mask: the cache remembers it)")
+        if not pad.any():
+            return None
+        if self.recurrent.compressor is not None:
+            raise ValueError("attention_mask with left padding is refused by recurrent.compressor (the context "
+                             "compressor): its chunks start at absolute slots, so padding would change the real "
+                             "tokens' summaries; pass unpadded rows (or turn recurrent.compressor.enabled off)")
+        return jnp.asarray(pad, dtype=jnp.int32)
+
+
+def _mask_pad(m: np.ndarray) -> np.ndarray:
+    """The left padding (B,) int64 of a 0/1 mask (B, S) (zeros then ones, at least one 1), or a clear ValueError."""
+    if m.size and (m.min() < 0 or m.max() > 1):
+        raise ValueError(f"attention_mask must hold 0/1 values (1 = real token, 0 = padding), got values in "
+                         f"[{int(m.min())}, {int(m.max())}]")
+    for b, row in enumerate(m):
+        if not row.any():
+            raise ValueError(f"attention_mask row {b} is all zeros: every row needs at least one real token (a 1)")
+        if (np.diff(row) < 0).any():
+            raise ValueError(f"attention_mask row {b} is not left-padded (zeros then ones): {row.tolist()}; only "
+                             "left padding is supported (pad on the left, tokenizer padding_side='left')")
+    return (m == 0).sum(-1).astype(np.int64)
+
 
 def _check_no_grad_steps(k: int | jax.Array, N: int) -> int | jax.Array:
     """no_grad_steps as an int in 0..N, or a clear ValueError; a traced integer (inside jit) passes as is."""
@@ -320,24 +399,27 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
 
 @functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit", "attn_probs", "no_grad_steps"))
 def _forward(model: Mythos, ids: jax.Array, n_loops: int, early_exit: bool, force_halt: jax.Array | None,
-             force_experts: jax.Array | None, attn_probs: bool = False, no_grad_steps: int = 0) -> ModelOutput:
-    """model(ids, ...) without a cache, compiled once per shapes, n_loops, early_exit and the two options."""
+             force_experts: jax.Array | None, attn_probs: bool = False, no_grad_steps: int = 0,
+             attention_mask: jax.Array | None = None) -> ModelOutput:
+    """model(ids, ...) without a cache, compiled once per shapes, n_loops, early_exit and the two options
+    (and once more with a padding mask: None, no padding, is the program without one)."""
     TRACE_COUNTS["forward"] += 1
     return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
-                 attn_probs=attn_probs, no_grad_steps=no_grad_steps)
+                 attn_probs=attn_probs, no_grad_steps=no_grad_steps, attention_mask=attention_mask)
 
 
 def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
             cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-            no_grad_steps: int = 0) -> ModelOutput:
+            no_grad_steps: int = 0, attention_mask: jax.Array | None = None) -> ModelOutput:
     """model(ids, ...) compiled: the same call, Args and ModelOutput as Mythos.__call__ (and as the torch twin).
 
     n_loops, early_exit, attn_probs and no_grad_steps are static (nnx.jit compiles one program per value).
     early_exit=True runs a lax.while_loop that stops once no position is running, False a lax.scan over
     all N steps (differentiable); the outputs are identical. With a cache, start_pos is traced (one compiled
     program serves every position) and the cache passed in is consumed (its buffers are donated and
-    updated in place): use out.cache.
+    updated in place): use out.cache. attention_mask (left padding) is checked here; an unpadded one
+    (all ones) runs the program without a mask.
     """
     # checked here on concrete values (inside jit only shapes are known), then compiled
     ids = model._check_ids(jnp.asarray(ids))
@@ -345,8 +427,10 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
     force_halt, force_experts = model._check_force(force_halt, force_experts, N, *ids.shape)
     start_pos = model._check_cache(cache, start_pos, N, *ids.shape)
     no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
+    pad = model._check_mask(attention_mask, cache, start_pos, *ids.shape)
     if cache is None:
-        return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(attn_probs), no_grad_steps)
-    args = (*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts)
+        mask = None if pad is None else jnp.asarray(attention_mask).astype(jnp.int32)
+        return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(attn_probs), no_grad_steps, mask)
+    args = (*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts, pad)
     # attn_probs only when asked: generate omits it, and both calls must hit one compiled program
     return _cached_forward(*args, True) if attn_probs else _cached_forward(*args)

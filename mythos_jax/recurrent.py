@@ -138,13 +138,14 @@ class RecurrentBlock(nnx.Module):
                  sin: jax.Array, force_idx: jax.Array | None = None, *, cache: KVCache | None = None,
                  layer: int | jax.Array = 0, start_pos: int | jax.Array = 0,
                  memory: tuple[jax.Array, jax.Array, jax.Array] | None = None, summaries: jax.Array | None = None,
-                 attn_probs: bool = False) -> StepOut:
+                 attn_probs: bool = False, pad: jax.Array | None = None) -> StepOut:
         """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), route, memory entry, summaries, attn_probs).
 
         memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries:
         the compressor's summaries of step t-1 (B, J, m, D), all masked at step 0. With a cache, the
         block's attention writes and reads cache layer `layer` (P + t), and the compressor reads and
-        writes its cache rows.
+        writes its cache rows. pad (B,): each row's left padding, for the block's attention (None: none;
+        the compressor refuses it).
         """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         x = add_loop_embedding(h, row)  # h~
@@ -159,7 +160,7 @@ class RecurrentBlock(nnx.Module):
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
-                                     attn_probs=attn_probs)
+                                     attn_probs=attn_probs, pad=pad)
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
@@ -182,13 +183,13 @@ class RecurrentBlock(nnx.Module):
 def loop_step(rec: RecurrentBlock, state: LoopState, t: jax.Array, e: jax.Array, row: jax.Array, cos: jax.Array,
               sin: jax.Array, force_idx: jax.Array | None, force_halt: jax.Array | None, *,
               halting: HaltingSpec, last: bool | jax.Array, start_pos: int | jax.Array, layer: int | jax.Array,
-              attn_probs: bool, value: Callable[[jax.Array], jax.Array] | None
+              attn_probs: bool, value: Callable[[jax.Array], jax.Array] | None, pad: jax.Array | None = None
               ) -> tuple[LoopState, tuple[jax.Array | None, ...]]:
     """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order)."""
     h, y, c, running, halted, counts, cache, memory, summaries = state
     mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
     out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
-              summaries=summaries, attn_probs=attn_probs)
+              summaries=summaries, attn_probs=attn_probs, pad=pad)
     h, p = out.h, out.p
     if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
         memory = tuple(jax.lax.dynamic_update_index_in_dim(m, x, t + 1, 0) for m, x in zip(memory, out.entry))

@@ -11,22 +11,27 @@ from .layers import RMSNorm, acc_dtype, apply_rope
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int | None = None,
-                     *, attn_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     *, attn_probs: bool = False, pad: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (out (B,T,H,K_v), probs).
 
     Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
     q_start + i (None: the queries are the last T keys). probs: with attn_probs the probabilities
     (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`); else None.
+    pad (B,) int: row b's first pad[b] keys are left padding, seen by no query but their own (None: none).
     """
     T, S = q.shape[1], k.shape[1]
     start = S - T if q_start is None else q_start
     if attn_probs:
-        p = attention_probs(q, k, scale, start)  # (B, H, T, S)
+        p = attention_probs(q, k, scale, start, pad)  # (B, H, T, S)
         return _weighted_values(p.to(v.dtype), v), p
     # one fused kernel (softmax in float32 for bfloat16, float64 stays float64); enable_gqa: query
     # head j reads kv head j // (H / H_kv), no repeated keys
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, K), (B, H_kv, S, K)
-    if start == 0 and T == S:  # no cache: the plain causal mask
+    if pad is not None:  # left padding: a per-row mask (B, 1, T, S), built only when some row is padded
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_causal_mask(T, S, start, q.device, pad)[:, None],
+                                             scale=scale, enable_gqa=True)
+    elif start == 0 and T == S:  # no cache: the plain causal mask
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
     elif T == 1 and start == S - 1:  # one query at the last key sees every key: nothing to mask
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True)
@@ -36,12 +41,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.transpose(1, 2), None  # (B, T, H, K_v)
 
 
-def _causal_mask(T: int, S: int, start: int, device: torch.device) -> torch.Tensor:
-    """(T, S) bool, True where query start + i sees key j (j <= start + i)."""
-    return torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+def _causal_mask(T: int, S: int, start: int, device: torch.device, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, S) bool, True where query start + i sees key j (j <= start + i); with pad (B,): (B, T, S), and
+    row b's keys j < pad[b] seen only by their own query (docs/semantics.md "Padding")."""
+    mask = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+    if pad is None:
+        return mask
+    j = torch.arange(S, device=device)
+    own = j[None, :] == torch.arange(start, start + T, device=device)[:, None]  # (T, S): a pad sees itself
+    return mask & ((j >= pad[:, None])[:, None, :] | own)  # (B, T, S)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, start: int,
+                    pad: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) under the causal mask, (B, H, T, S) in the acc dtype (the explicit computation)."""
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -51,7 +63,9 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) 
     scores = (qg @ k.permute(0, 2, 3, 1)) * scale  # (B, H_kv, G*T, S)
     # softmax in float32 for bfloat16 (both twins)
     scores = scores.to(acc_dtype(scores.dtype)).view(B, Hkv, G, T, S)
-    if T > 1 or start != S - 1:  # one query at the last key sees every key: nothing to mask
+    if pad is not None:  # (B, 1, 1, T, S) broadcast
+        scores = scores.masked_fill(~_causal_mask(T, S, start, q.device, pad)[:, None, None], float("-inf"))
+    elif T > 1 or start != S - 1:  # one query at the last key sees every key: nothing to mask
         scores = scores.masked_fill(~_causal_mask(T, S, start, q.device), float("-inf"))  # (T, S) broadcast
     return torch.softmax(scores, dim=-1).view(B, H, T, S)  # head n*G + g = query head j
 
@@ -79,9 +93,11 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(n_heads * hd, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, attn_probs: bool = False
+                layer: int = 0, start_pos: int = 0, attn_probs: bool = False, pad: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None."""
+        """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None.
+
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
         B, T, _ = x.shape
         hd = self.head_dim
         qk = torch.cat([self.wq(x).view(B, T, self.n_heads, hd), self.wk(x).view(B, T, self.n_kv_heads, hd)], dim=2)
@@ -91,7 +107,7 @@ class GQAttention(nn.Module):
             k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs)
+        out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad)
         return self.wo(out.reshape(B, T, self.n_heads * hd)), probs
 
 
@@ -117,9 +133,11 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(H * v_head_dim, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, attn_probs: bool = False
+                layer: int = 0, start_pos: int = 0, attn_probs: bool = False, pad: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None."""
+        """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None.
+
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -135,5 +153,5 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_r.expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
         # (B, T, H, vd); scale as open-mythos
-        out, probs = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs)
+        out, probs = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad)
         return self.wo(out.reshape(B, T, H * vd)), probs

@@ -16,11 +16,15 @@ class KVCache:
     `k_r` (L, B, S, 1, rope), one per token; (L, B, S, H, rope) under openmythos-0.5, as upstream.
     With the compressor, per loop step: `summaries` (N, B, C, m, D) of every chunk and the rows of the
     chunk still open, `chunk_states` (N, B, c, D) (docs/components.md).
+    `pad` (B,) int64: each row's left padding, set by the prefill's attention_mask (docs/semantics.md
+    "Padding"); zeros: no padding.
     """
 
-    def __init__(self, arrays: dict[str, torch.Tensor], n_loops: int):
+    def __init__(self, arrays: dict[str, torch.Tensor], n_loops: int, pad: torch.Tensor | None = None):
         self.arrays = dict(arrays)
         self.n_loops = n_loops
+        first = next(iter(self.arrays.values()))
+        self.pad = torch.zeros(first.shape[1], dtype=torch.int64, device=first.device) if pad is None else pad
 
     @property
     def batch(self) -> int:

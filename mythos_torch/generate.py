@@ -3,13 +3,13 @@ then one token per step, sampled on the host by spec.sampling.sample_next (the s
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from spec.sampling import check_generate, sample_next
+from spec.sampling import check_generate, check_stop, finish_step, sample_next
 
 from .cache import KVCache
 
@@ -18,7 +18,8 @@ from .cache import KVCache
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, attention_mask: torch.Tensor | None = None,
+             stop: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Decode with a KV cache from a Mythos model (model.generate calls this; model.py imports this file).
 
     Args:
@@ -29,12 +30,16 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: 
         temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
         top_k, top_p: sampling filters (None: off).
         seed: seed of numpy.random.default_rng, one uniform per row per step.
-        eos_id: a row that emits it is padded with it; decoding stops once every row has.
+        eos_id: a row that emits it is padded with it; decoding stops once every row is done.
         on_token: called with each step's new tokens (B,) int64, as they come (streaming).
         compile: run the one-token decode steps through torch.compile (opt-in, torch only: the JAX
             twin always compiles its step). One graph serves every position; the first call pays
             the compilation (tens of seconds, more on a cold inductor cache). Results agree with
             the eager steps to float tolerance (inductor may reorder float sums), not bitwise.
+        attention_mask: (B, T) 0/1 for a left-padded prompt (forward's; docs/semantics.md "Padding"): each
+            row decodes as it would alone. None: no padding.
+        stop: token-id sequences, e.g. [[10], [46, 46]]: a row whose new tokens end with one is done (the
+            sequence is kept). A done row's later tokens are eos_id, or -1 without one.
     Returns:
         (B, T + max_new_tokens) int64: the prompt followed by the new tokens.
     """
@@ -42,27 +47,29 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: 
     N = model._check_loops(n_loops)
     B, T = ids.shape
     check_generate(model.spec, T, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    stop = check_stop(stop, model.spec.vocab_size)
+    pad = model._check_mask(attention_mask, None, 0, B, T)
     if max_new_tokens == 0:
         return ids
     cache: KVCache = model.init_cache(B, T + max_new_tokens, N)
     rng = np.random.default_rng(seed)
     done = np.zeros(B, dtype=bool)
     new: list[np.ndarray] = []
-    out = model(ids, N, cache=cache)  # prefill
+    out = model(ids, N, cache=cache, attention_mask=attention_mask)  # prefill: the cache remembers the padding
     for i in range(max_new_tokens):
         logits = out.logits[:, -1].double().cpu().numpy()  # (B, V)
         tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
-        if eos_id is not None:
-            tok = np.where(done, eos_id, tok)
-            done |= tok == eos_id
+        tok, done = finish_step(tok, new, done, eos_id, stop)  # done rows: eos_id or -1 (spec.sampling)
         new.append(tok)
         if on_token is not None:
             on_token(tok)
         if len(new) == max_new_tokens or done.all():
             break
-        # forward without its checks: the ids are sampled ids, the positions fit the cache
-        step = torch.from_numpy(tok[:, None]).to(ids.device)
-        out = (compiled_step(model) if compile else model._forward)(step, N, False, None, None, out.cache, T + i)
+        # forward without its checks: the ids are sampled ids (a done row's -1 fill runs as id 0), the
+        # positions fit the cache
+        step = torch.from_numpy(np.maximum(tok, 0)[:, None]).to(ids.device)
+        out = (compiled_step(model) if compile else model._forward)(step, N, False, None, None, out.cache, T + i,
+                                                                    pad=pad)
     tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
     if new:
         tail[:, :len(new)] = np.stack(new, axis=1)

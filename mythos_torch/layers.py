@@ -32,11 +32,11 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, T, H, K) by cos/sin (T, K/2), in their dtype."""
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of x (B, T, H, K) by cos/sin (T, K/2) or (B, T, K/2), in their dtype."""
     # the rotation runs in the table's dtype: the activation dtype, float32 for bfloat16, and
     # float32 under openmythos-0.5 even in a float64 model (open-mythos' x.float())
     x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, K/2) each
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]  # (T, 1, K/2), or (B, T, 1, K/2) per row
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
     return out.flatten(-2).to(x.dtype)
 

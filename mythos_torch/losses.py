@@ -32,11 +32,14 @@ def ponder_cost(cum_p: torch.Tensor, loop_counts: torch.Tensor) -> torch.Tensor:
 
     cum_p (N, B, T) c after each step, loop_counts (B, T) int -> scalar. c before step s is c after
     step s - 1 (0 before the first), read directly rather than as cum_p - halt_p (no rounding).
+    Left padding (loop count 0) is left out of the mean.
     """
     c_before = torch.cat([torch.zeros_like(cum_p[:1]), cum_p[:-1]])  # (N, B, T)
-    step = loop_counts.long() - 1  # (B, T) 0-based halting step
+    step = (loop_counts.long() - 1).clamp(min=0)  # (B, T) 0-based halting step
     R = 1.0 - c_before.gather(0, step[None])[0]  # (B, T)
-    return (loop_counts.to(cum_p.dtype) + R).mean()
+    real = loop_counts > 0
+    # the mean over real positions as mean * (n / n_real): exactly the plain mean without padding
+    return torch.where(real, loop_counts.to(cum_p.dtype) + R, 0.0).mean() * _real_share(real, cum_p.dtype)
 
 
 def halting_entropy(halt_p: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,16 @@ def consistency(value_steps: torch.Tensor, values: torch.Tensor, running: torch.
     return (d * d * r).sum() / r.sum().clamp(min=1)
 
 
+def _real_share(real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """n / n_real in dtype for a bool of real positions (B, T): 1.0 without padding (mean * it = the plain mean)."""
+    return real.numel() / real.sum().clamp(min=1).to(dtype)
+
+
+def _mean_loops(loop_counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mean loop count over real positions (left padding, loop count 0, left out), a scalar in dtype."""
+    return loop_counts.to(dtype).mean() * _real_share(loop_counts > 0, dtype)
+
+
 def total_loss(spec: Spec, out: ModelOutput, targets: torch.Tensor, mask: torch.Tensor
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of spec.loss and its parts.
@@ -88,7 +101,7 @@ def total_loss(spec: Spec, out: ModelOutput, targets: torch.Tensor, mask: torch.
     if w.halting_entropy > 0:
         loss = loss - w.halting_entropy * entropy
     parts = {"ce": ce.detach(), "ponder": ponder.detach(), "halting_entropy": entropy.detach(),
-             "loops": out.loop_counts.to(ce.dtype).mean()}
+             "loops": _mean_loops(out.loop_counts, ce.dtype)}
     if spec.value_head.enabled:
         cons = consistency(tr.value, out.values, tr.running)
         if w.consistency > 0:

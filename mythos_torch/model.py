@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ class Mythos(nn.Module):
     def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
                 force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-                no_grad_steps: int = 0) -> ModelOutput:
+                no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None) -> ModelOutput:
         """Logits, loop counts and traces for token ids.
 
         Args:
@@ -92,9 +92,13 @@ class Mythos(nn.Module):
             start_pos: absolute position of ids[:, 0] (only with a cache).
             attn_probs: also return the looped block's attention probabilities per step (traces.attn_probs).
             no_grad_steps: the first no_grad_steps loop steps (0..N) run without gradient (truncated backprop).
+            attention_mask: (B, start_pos + T) 0/1 (bool or int), 1 = real token, 0 = left padding: each row
+                zeros then ones, at least one 1 (docs/semantics.md "Padding"). None: no padding. With a cache
+                the prefill (start_pos 0) sets the padding, which the cache remembers (cache.pad); later
+                calls may omit the mask or pass one that agrees with it.
         Returns:
             ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces, cache,
-            values (B, T) or None).
+            values (B, T) or None). Pads: loop count 0, never running; their logits are finite and meaningless.
         """
         ids = self._check_ids(ids)
         N = self._check_loops(n_loops)
@@ -102,24 +106,33 @@ class Mythos(nn.Module):
         force_halt, force_experts = self._check_force(force_halt, force_experts, N, B, T)
         start_pos = self._check_cache(cache, start_pos, N, B, T)
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
+        pad = self._check_mask(attention_mask, cache, start_pos, B, T)
         return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos,
-                             bool(attn_probs), no_grad_steps)
+                             bool(attn_probs), no_grad_steps, pad)
 
     def _forward(self, ids: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
                  force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int,
-                 attn_probs: bool = False, no_grad_steps: int = 0) -> ModelOutput:
-        """forward after its checks (generate's decode steps call it directly)."""
+                 attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None) -> ModelOutput:
+        """forward after its checks (generate's decode steps call it directly); pad (B,) or None: no padding."""
         T = ids.shape[1]
-        # absolute positions start_pos..start_pos+T-1
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        if pad is None:  # absolute positions start_pos..start_pos+T-1
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        else:  # left padding: slot s of row b sits at position s - pad[b] (pads at 0), (B, T, K/2) per row
+            pos = (torch.arange(start_pos, start_pos + T, device=ids.device)[None, :] - pad[:, None]).clamp(min=0)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        if cache is not None:  # the prefill sets the padding the later calls use
+            if pad is not None:
+                cache.pad.copy_(pad)
+            elif start_pos == 0:
+                cache.pad.zero_()
         P = len(self.prelude)
         x = self.embed(ids)  # (B, T, D)
         for i, block in enumerate(self.prelude):
-            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos)
+            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos, pad=pad)
         y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
-                                                              cache, start_pos, attn_probs, no_grad_steps)
+                                                              cache, start_pos, attn_probs, no_grad_steps, pad)
         for j, block in enumerate(self.coda):
-            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos)
+            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos, pad=pad)
         y = self.norm(y)
         logits = F.linear(y, self.embed.weight) if self.head is None else self.head(y)  # (B, T, V)
         values = None if self.value_head is None else self.value_head(y).squeeze(-1)  # (B, T)
@@ -127,9 +140,12 @@ class Mythos(nn.Module):
 
     def loop(self, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, N: int, early_exit: bool,
              force_halt: torch.Tensor | None, force_experts: torch.Tensor | None, cache: KVCache | None = None,
-             start_pos: int = 0, attn_probs: bool = False, no_grad_steps: int = 0
+             start_pos: int = 0, attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces, KVCache | None]:
-        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache."""
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache.
+
+        pad (B,): left padding; pads start not running (weight 0, loop count 0), so they never keep the loop alive.
+        """
         s, rec = self.spec, self.recurrent
         B, T, _ = e.shape
         act, dev = acc_dtype(e.dtype), e.device
@@ -141,18 +157,23 @@ class Mythos(nn.Module):
         if rec.cross_loop is not None:  # cross-loop depth memory (N + 1 entries), entry 0 = e
             memory = tuple(torch.cat([x[None], x.new_zeros(N, *x.shape)]) for x in rec.cross_loop.entry(e))
         false = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        state = LoopState(h=e, y=torch.zeros_like(e), c=torch.zeros(B, T, dtype=act, device=dev), running=~false,
-                          halted=false, counts=torch.full((B, T), N, dtype=torch.int32, device=dev), cache=cache,
+        counts = torch.full((B, T), N, dtype=torch.int32, device=dev)
+        running = ~false
+        if pad is not None:  # pads (slot < pad) never run: loop count 0
+            running = torch.arange(start_pos, start_pos + T, device=dev)[None, :] >= pad[:, None]
+            counts = torch.where(running, counts, 0)
+        state = LoopState(h=e, y=torch.zeros_like(e), c=torch.zeros(B, T, dtype=act, device=dev), running=running,
+                          halted=false, counts=counts, cache=cache,
                           memory=memory, summaries=None)  # None: step 0 reads only the compressor's null slot
         if self.loop_form == "while" and cache is None:
             return self._loop_while(state, e, rows, cos, sin, N, early_exit, force_halt, force_experts, attn_probs,
-                                    no_grad_steps, value)
+                                    no_grad_steps, value, pad)
         steps: list[tuple[torch.Tensor | None, ...]] = []
         for t in range(N):
             fx = None if force_experts is None else force_experts[t]
             args = (rec, state, t, e, rows[t], cos, sin, fx, force_halt)
             kw = dict(halting=s.halting, last=t == N - 1, start_pos=start_pos, layer=P + t, attn_probs=attn_probs,
-                      value=value)
+                      value=value, pad=pad)
             # truncated backprop: the first no_grad_steps steps (and all they produce) carry no gradient
             with torch.no_grad() if t < no_grad_steps else contextlib.nullcontext():
                 if s.recurrent.checkpoint and cache is None and torch.is_grad_enabled():
@@ -172,7 +193,7 @@ class Mythos(nn.Module):
     def _loop_while(self, state: LoopState, e: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
                     force_experts: torch.Tensor | None, attn_probs: bool, no_grad_steps: int,
-                    value: Callable[[torch.Tensor], torch.Tensor] | None
+                    value: Callable[[torch.Tensor], torch.Tensor] | None, pad: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Traces, None]:
         """loop() as one torch.while_loop (loop_form="while", no cache): the jax twin's loop; n_steps a 0-d tensor."""
         s, rec = self.spec, self.recurrent
@@ -191,7 +212,7 @@ class Mythos(nn.Module):
             fx = None if force_experts is None else force_experts.index_select(0, at)[0]
             return loop_step(rec, state, t, e, rows.index_select(0, at)[0], cos, sin, fx, force_halt,
                              halting=s.halting, last=t == N - 1, start_pos=0, layer=P, attn_probs=attn_probs,
-                             value=value)
+                             value=value, pad=pad)
 
         k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
         fills = Traces(e.new_zeros(B, T), e.new_zeros(B, T, dtype=act), e.new_zeros(B, T, dtype=act),
@@ -232,10 +253,12 @@ class Mythos(nn.Module):
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
-                 on_token: Callable[[np.ndarray], None] | None = None, compile: bool = False) -> torch.Tensor:
+                 on_token: Callable[[np.ndarray], None] | None = None, compile: bool = False,
+                 attention_mask: torch.Tensor | None = None, stop: Sequence[Sequence[int]] | None = None
+                 ) -> torch.Tensor:
         """Decode with a KV cache: the prompt, then one token per step; generate.generate(self, ...) has the Args."""
         return generate(self, ids, max_new_tokens, n_loops, temperature, top_k, top_p, seed, eos_id, on_token=on_token,
-                        compile=compile)
+                        compile=compile, attention_mask=attention_mask, stop=stop)
 
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """ids as a (B, T) int64 tensor within the vocabulary and max_seq_len, or a clear ValueError."""
@@ -312,6 +335,53 @@ class Mythos(nn.Module):
                              f"forced), got [{int(force_halt.min())}, {int(force_halt.max())}]")
         return force_halt, force_experts
 
+    def _check_mask(self, attention_mask: torch.Tensor | None, cache: KVCache | None, start_pos: int, B: int,
+                    T: int) -> torch.Tensor | None:
+        """Each row's left padding pad (B,) int64 from attention_mask (B, start_pos + T), or None when no row is
+        padded (the unpadded path); with a cache and no mask, the cache's. A clear ValueError otherwise."""
+        if attention_mask is None:
+            if cache is None or start_pos == 0 or not _concrete() or not bool(cache.pad.any()):
+                return None
+            return cache.pad
+        m = torch.as_tensor(attention_mask, device=self.embed.weight.device)
+        want = (B, start_pos + T)
+        if tuple(m.shape) != want:
+            raise ValueError(f"attention_mask must have shape (B, start_pos + T) = {want} (1 = real token, 0 = left "
+                             f"padding), got {tuple(m.shape)}")
+        if m.dtype.is_floating_point or m.dtype.is_complex:
+            raise ValueError(f"attention_mask must be bool or integer 0/1, got dtype {m.dtype}")
+        m = m.long()
+        if not _concrete():  # torch.export: symbolic values, taken as checked
+            pad = (m == 0).sum(-1)
+        else:
+            pad = _mask_pad(m.cpu().numpy()).to(m.device)
+        if cache is not None and start_pos > 0 and _concrete() and not torch.equal(pad, cache.pad):
+            b = int((pad != cache.pad).nonzero()[0, 0])
+            raise ValueError(f"attention_mask disagrees with the cache: row {b} has {int(pad[b])} leading zeros, its "
+                             f"prefill had {int(cache.pad[b])} (the prefix must be the prefill's mask, the new "
+                             "columns ones; or omit attention_mask: the cache remembers it)")
+        if _concrete() and not bool(pad.any()):
+            return None
+        if self.recurrent.compressor is not None:
+            raise ValueError("attention_mask with left padding is refused by recurrent.compressor (the context "
+                             "compressor): its chunks start at absolute slots, so padding would change the real "
+                             "tokens' summaries; pass unpadded rows (or turn recurrent.compressor.enabled off)")
+        return pad
+
+
+def _mask_pad(m: np.ndarray) -> torch.Tensor:
+    """The left padding (B,) int64 of a 0/1 mask (B, S) (zeros then ones, at least one 1), or a clear ValueError."""
+    if m.size and (m.min() < 0 or m.max() > 1):
+        raise ValueError(f"attention_mask must hold 0/1 values (1 = real token, 0 = padding), got values in "
+                         f"[{int(m.min())}, {int(m.max())}]")
+    for b, row in enumerate(m):
+        if not row.any():
+            raise ValueError(f"attention_mask row {b} is all zeros: every row needs at least one real token (a 1)")
+        if (np.diff(row) < 0).any():
+            raise ValueError(f"attention_mask row {b} is not left-padded (zeros then ones): {row.tolist()}; only "
+                             "left padding is supported (pad on the left, tokenizer padding_side='left')")
+    return torch.from_numpy((m == 0).sum(-1).astype(np.int64))
+
 
 def _concrete() -> bool:
     """Whether tensors hold values to check: not under torch.export, where ids are symbolic (jax: _concrete)."""
@@ -344,7 +414,8 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
 def forward(model: Mythos, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
             cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-            no_grad_steps: int = 0) -> ModelOutput:
+            no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None) -> ModelOutput:
     """model(ids, ...): the same call as the JAX twin's compiled forward."""
     return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
-                 cache=cache, start_pos=start_pos, attn_probs=attn_probs, no_grad_steps=no_grad_steps)
+                 cache=cache, start_pos=start_pos, attn_probs=attn_probs, no_grad_steps=no_grad_steps,
+                 attention_mask=attention_mask)

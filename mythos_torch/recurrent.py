@@ -142,12 +142,14 @@ class RecurrentBlock(nn.Module):
     def forward(self, h: torch.Tensor, e: torch.Tensor, t: int | torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, force_idx: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 layer: int = 0, start_pos: int = 0, memory: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                summaries: torch.Tensor | None = None, attn_probs: bool = False) -> StepOut:
+                summaries: torch.Tensor | None = None, attn_probs: bool = False,
+                pad: torch.Tensor | None = None) -> StepOut:
         """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), route, memory entry, summaries, attn_probs).
 
         memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries: the
         compressor's summaries of step t-1 (B, J, m, D) (None at step 0). With a cache, the block's attention
         writes and reads cache layer `layer` (P + t), and the compressor reads and writes its cache rows.
+        pad (B,): each row's left padding, for the block's attention (None: none; the compressor refuses it).
         """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         x = add_loop_embedding(h, row)  # h~
@@ -163,7 +165,7 @@ class RecurrentBlock(nn.Module):
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
-                                     attn_probs=attn_probs)
+                                     attn_probs=attn_probs, pad=pad)
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
@@ -185,7 +187,7 @@ class RecurrentBlock(nn.Module):
 def loop_step(rec: RecurrentBlock, state: LoopState, t: int | torch.Tensor, e: torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor, force_idx: torch.Tensor | None, force_halt: torch.Tensor | None, *,
               halting: HaltingSpec, last: bool, start_pos: int, layer: int, attn_probs: bool,
-              value: Callable[[torch.Tensor], torch.Tensor] | None
+              value: Callable[[torch.Tensor], torch.Tensor] | None, pad: torch.Tensor | None = None
               ) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
     """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order).
 
@@ -194,7 +196,7 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: int | torch.Tensor, e: t
     h, y, c, running, halted, counts, cache, memory, summaries = state
     mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
     out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
-              summaries=summaries, attn_probs=attn_probs)
+              summaries=summaries, attn_probs=attn_probs, pad=pad)
     h, p = out.h, out.p
     if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
         # out of place: the earlier steps' attention saved the memory for the backward pass

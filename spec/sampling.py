@@ -68,3 +68,57 @@ def check_generate(s: Spec, T: int, max_new_tokens: int, temperature: float, top
         raise ValueError(f"seed={seed!r} must be an integer >= 0")
     if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < s.vocab_size):
         raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, vocab_size={s.vocab_size}) or None")
+
+
+def check_stop(stop: object, vocab_size: int) -> tuple[tuple[int, ...], ...]:
+    """generate's `stop` as a tuple of token-id tuples, or a clear ValueError.
+
+    stop: None (no stop sequences), or a sequence of non-empty sequences of token ids in
+    [0, vocab_size), e.g. [[10], [46, 46]]; an empty sequence means none.
+    """
+    if stop is None:
+        return ()
+    example = "e.g. stop=[[10], [46, 46]]"
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, (list, tuple, np.ndarray)):
+        raise ValueError(f"stop must be a sequence of token-id sequences ({example}), got {type(stop).__name__}")
+    out = []
+    for j, seq in enumerate(stop):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple, np.ndarray)):
+            raise ValueError(f"stop must be a sequence of token-id sequences ({example}); stop[{j}]={seq!r} is "
+                             "not a sequence (a single token is [id])")
+        seq = list(np.asarray(seq).reshape(-1)) if isinstance(seq, np.ndarray) else list(seq)
+        if not seq:
+            raise ValueError(f"stop[{j}] is empty: every stop sequence needs at least one token id")
+        for i in seq:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab_size:
+                raise ValueError(f"stop[{j}]={seq!r}: every entry must be a token id in [0, vocab_size={vocab_size}), "
+                                 f"got {i!r}")
+        out.append(tuple(int(i) for i in seq))
+    return tuple(out)
+
+
+def ends_with_stop(new: np.ndarray, stop: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """Rows whose generated tokens new (B, n) end with any of the stop sequences (check_stop's form) -> (B,) bool."""
+    B, n = new.shape
+    hit = np.zeros(B, dtype=bool)
+    for seq in stop:
+        if len(seq) <= n:
+            hit |= (new[:, n - len(seq):] == np.asarray(seq)).all(axis=1)
+    return hit
+
+
+def finish_step(tok: np.ndarray, new: list[np.ndarray], done: np.ndarray, eos_id: int | None,
+                stop: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One decode step's bookkeeping, the same in both twins: rows already done get the fill (eos_id, or -1
+    without one); then a row is done once it emits eos_id or its generated tokens (new, the earlier steps'
+    tokens (B,) each, then tok) end with a stop sequence (kept in the output, like eos_id).
+
+    tok (B,) the sampled tokens, done (B,) bool -> (tok with the fill on done rows, the new done).
+    """
+    tok = np.where(done, -1 if eos_id is None else eos_id, tok)
+    if eos_id is not None:
+        done = done | (tok == eos_id)
+    if stop:  # only the last max(len(seq)) tokens can end with a stop sequence
+        recent = new[max(0, len(new) + 1 - max(len(seq) for seq in stop)):]
+        done = done | ends_with_stop(np.stack([*recent, tok], axis=1), stop)
+    return tok, done
