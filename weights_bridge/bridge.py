@@ -60,7 +60,8 @@ def load(path: str | os.PathLike, backend: str = "torch", dtype: str | None = No
     """Rebuild a model from a Mythos weights file.
 
     Args:
-        path: a file written by ``save`` (or ``cli.convert``).
+        path: a file written by ``save`` (or ``cli.convert``), or a directory holding one (``weights_path``: the
+            Hugging Face directory of ``mythos export hf`` holds ``model.safetensors``).
         backend: ``"torch"`` or ``"jax"``.
         dtype: the model dtype; None keeps the file's.
     Returns:
@@ -69,18 +70,44 @@ def load(path: str | os.PathLike, backend: str = "torch", dtype: str | None = No
         BridgeError: a truncated, corrupt or foreign file, or tensors that do not match the spec.
     """
     check_backend(backend)  # an unknown backend fails before the file is read
-    s, arrays, file_dtype = read_file(path, progress=progress)
+    s, arrays, file_dtype = read_file(weights_path(path), progress=progress)
     return build(backend, s, file_dtype if dtype is None else dtype, arrays)
 
 
 def read_spec(path: str | os.PathLike) -> tuple[spec_lib.Spec, str]:
-    """``(spec, dtype)`` of a Mythos weights file from its header alone (no tensor is read).
+    """``(spec, dtype)`` of a Mythos weights file (or a directory holding one, ``weights_path``) from its header alone.
 
     Raises:
         BridgeError: a missing, truncated or foreign file (the tensors are checked by ``load``).
     """
+    path = weights_path(path)
     meta, _, _ = read_header(path)
     return check_metadata(path, meta)
+
+
+DIR_WEIGHTS = "model.safetensors"  # the weights file of a directory (the name transformers looks for)
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a directory the weights file inside it: ``model.safetensors``, else its only
+    ``*.safetensors`` file.
+
+    Raises:
+        BridgeError: a directory with none, or with several and no ``model.safetensors``.
+    """
+    path = Path(path)
+    try:
+        if not path.is_dir():
+            return path
+        if (path / DIR_WEIGHTS).is_file():
+            return path / DIR_WEIGHTS
+        found = sorted(f for f in path.glob("*.safetensors") if f.is_file())
+    except OSError as e:
+        raise BridgeError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if len(found) == 1:
+        return found[0]
+    what = "no .safetensors file" if not found else f"{len(found)} .safetensors files and no {DIR_WEIGHTS}"
+    raise BridgeError(f"{path} is a directory holding {what}; give the weights file itself")
 
 
 # --------------------------------------------------------------------------- twin to twin
