@@ -1,4 +1,4 @@
-"""The `mythos` command line: presets, info, parity, generate, trace, convert, check, train, export."""
+"""The `mythos` command line: presets, info, parity, generate, trace, convert, check, train, eval, export (onnx, hf)."""
 
 from __future__ import annotations
 
@@ -561,6 +561,45 @@ def _print_check(r) -> None:
 
 app.command("train")(clear_errors(train_command))
 
+
+@app.command("eval")
+@clear_errors
+def eval_command(
+    source: str = typer.Argument(..., metavar="SPEC_OR_WEIGHTS_OR_DIR",
+                                 help="a .safetensors file, a directory written by `mythos export hf`, or a spec: "
+                                 + SPEC_HELP + " (random weights from --seed)"),
+    tasks: str = typer.Option(..., "--tasks", help="lm-eval tasks, comma-separated: the shipped mythos_mc (multiple "
+                              "choice), mythos_ppl (rolling perplexity), mythos_gen (generation until a stop "
+                              "string), or lm-eval's own whose data is on this machine"),
+    backend: str = typer.Option("torch", help="torch | jax"),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float64 | bfloat16 (default: the file's, float32 for a spec)"),
+    loops: Optional[int] = typer.Option(None, help="loop steps per token (default: max_loop_iters)"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="rows per forward and per generate call"),
+    limit: Optional[float] = typer.Option(None, help="documents per task (>= 1) or a fraction of them (< 1)"),
+    seed: int = typer.Option(0, min=0, help="seed of the weights when SOURCE is a spec, and of sampling"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="write lm-eval's results JSON here (atomically)"),
+) -> None:
+    """Evaluate with lm-evaluation-harness, offline: the `mythos` lm-eval model on either twin (docs/evaluation.md).
+
+    Exit status: 0 on success, 2 on bad input (an unknown task, backend or dtype, a missing file, a spec whose
+    vocabulary cannot hold the byte tokenizer, ...; nothing is written then).
+    """
+    from .evaluate import run_eval, table_rows
+
+    results = run_eval(source, tasks, backend=backend, dtype=dtype, n_loops=loops, batch_size=batch_size, limit=limit,
+                       seed=seed, sets=set_, output_path=output)
+    t = Table(title=escape(f"lm-eval: {source} ({backend})"))
+    for col in ("task", "metric", "value", "stderr"):
+        t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for task, metric, value, stderr in table_rows(results):
+        shown_value = f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4e}"  # word perplexity of random weights
+        t.add_row(escape(task), escape(metric), shown_value, "" if stderr is None else f"{stderr:.4f}")
+    console.print(t)
+    if output is not None:
+        console.print(f"results written to {escape(str(output))}")
+
+
 export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model to another runtime's format.")
 app.add_typer(export_app, name="export")
 
@@ -573,7 +612,7 @@ def export_onnx_command(
     dynamic: str = typer.Option("batch,seq", help="axes left dynamic: batch,seq | batch | seq | none"),
     dtype: str = typer.Option("float32", help="float32 | float64"),
     loops: Optional[int] = typer.Option(None, help="loop steps N baked into the graph (default: recurrent.max_loop_iters)"),
-    cache: bool = typer.Option(False, help="a decode-step graph with the KV cache as inputs and outputs (not yet)"),
+    cache: bool = typer.Option(False, help="the decode-step graph: ids and past_* cache arrays in, logits and present_* out (P = 0 is the prefill)"),
     seed: int = typer.Option(0, help="seed of the random weights when SOURCE is a spec"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
 ) -> None:
@@ -596,6 +635,46 @@ def export_onnx_command(
     t.add_row("bytes", f"{info.path.stat().st_size:,}")
     t.add_row("inputs", ", ".join(info.inputs))
     t.add_row("outputs", ", ".join(info.outputs))
+    console.print(t)
+
+
+@export_app.command("hf")
+@clear_errors
+def export_hf_command(
+    source: str = typer.Argument(..., help=f"a Mythos .safetensors weights file, or a {SPEC_HELP}"),
+    out: Path = typer.Argument(..., metavar="DIR", help="the directory to write (atomically): config.json, "
+                               "model.safetensors, tokenizer, generation config, model card, code"),
+    dtype: str = typer.Option("float32", help="float32 | float64 | bfloat16"),
+    loops: Optional[int] = typer.Option(None, help="default loop steps N in config.json (default: recurrent.max_loop_iters)"),
+    seed: int = typer.Option(0, help="seed of the random weights when SOURCE is a spec"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
+    eval_results: Optional[Path] = typer.Option(None, "--eval-results", help="lm-eval's results JSON: the model "
+                                                "card's evaluation results (model-index)"),
+    license: str = typer.Option("mit", help="the model card's license (a Hub license id)"),
+    overwrite: bool = typer.Option(False, help="replace DIR when it exists and is not empty"),
+) -> None:
+    """Write one Hugging Face directory that transformers (AutoModelForCausalLM), the torch twin and
+    weights_bridge.load(DIR, backend="jax") all read (docs/huggingface.md). Exit status 0 on success, 2 on bad
+    input (nothing written)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LoadError(f"mythos export hf needs {' and '.join(missing)}: pip install 'mythos[hf]'")
+    from .hf.export import export_hf
+
+    with console.status(f"exporting {escape(source)} to a Hugging Face directory"):
+        info = export_hf(source, out, dtype=dtype, seed=seed, sets=set_, n_loops=loops, eval_results=eval_results,
+                         overwrite=overwrite, license=license)
+    t = Table(title=escape(f"wrote {info.path}"))
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("dtype", info.dtype)
+    t.add_row("parameters", f"{info.parameters:,}")
+    t.add_row("loop steps N", "recurrent.max_loop_iters" if info.n_loops is None else str(info.n_loops))
+    t.add_row("tokenizer", "bytes (tokenizer.json)" if info.tokenizer else "none (vocab_size < 258)")
+    t.add_row("evaluation results", str(info.eval_metrics))
+    t.add_row("files", ", ".join(info.files))
     console.print(t)
 
 
