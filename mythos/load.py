@@ -93,14 +93,27 @@ def is_weights_file(source: str | Path) -> bool:
     return str(source).endswith(WEIGHTS_SUFFIX)
 
 
+def is_weights_dir(source: str | Path) -> bool:
+    """Whether SOURCE is a directory holding weights files (`mythos export hf` writes one): read through
+    weights_bridge.bridge.weights_path, which picks model.safetensors or the only *.safetensors."""
+    path = Path(source)
+    try:
+        return path.is_dir() and any(path.glob("*" + WEIGHTS_SUFFIX))
+    except OSError:
+        return False
+
+
 def resolve(source: str | Path, sets: Sequence[str] = ()) -> Source:
-    """The spec a SOURCE names: a preset or .yaml with ``sets`` overrides, or a weights file's (header only).
+    """The spec a SOURCE names: a preset or .yaml with ``sets`` overrides, or a weights file's (header only);
+    a directory holding weights (an HF export) names its weights file.
 
     Raises:
         LoadError: --set given with a weights file, or a weights file that does not exist.
         SpecError: a spec that cannot be built (the message names the field).
         BridgeError: a weights file that is truncated, corrupt or not ours.
     """
+    if is_weights_dir(source):
+        source = wb.bridge.weights_path(source)  # an exported directory: its weights file
     if is_weights_file(source):
         if sets:
             raise LoadError("--set applies to a spec, not to a weights file (its spec is stored in it)")

@@ -429,3 +429,17 @@ def test_a_small_vocabulary_exports_without_a_tokenizer(tmp_path):
     assert not (tmp_path / "m" / "tokenizer.json").exists()
     assert "No tokenizer: vocab_size=64" in (tmp_path / "m" / "README.md").read_text()
     assert json.loads((tmp_path / "m" / "config.json").read_text())["eos_token_id"] is None
+
+
+def test_every_weights_command_reads_an_exported_directory(saved):
+    """`mythos generate DIR` etc.: mythos.load resolves a directory to its model.safetensors."""
+    from mythos.load import load_model, resolve
+
+    model, path = saved
+    src = resolve(path)
+    assert src.weights == path / "model.safetensors" and src.spec == model.config.mythos_spec
+    loaded = load_model(path, "torch")
+    for name, a in mt.dump_arrays(loaded).items():
+        np.testing.assert_array_equal(a, mt.dump_arrays(model.model)[name], err_msg=name)
+    r = runner.invoke(app, ["generate", str(path), "--prompt", "hi", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
