@@ -26,6 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mythos: one 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 SPEC_HELP = "preset name (see `mythos presets`), or a path to a spec .yaml"
+# generate and trace: what mythos.load.resolve reads
+WEIGHTS_OR_SPEC_HELP = ("a .safetensors file written by weights_bridge.save, a directory written by `mythos export hf`, "
+                        "or a spec: " + SPEC_HELP + " (random weights from --seed)")
 SET_HELP = "override a spec field, e.g. --set attention.type=mla (repeatable)"
 EXIT_FAIL, EXIT_BAD_INPUT = 1, 2
 INFO_DTYPES = ("float32", "bfloat16", "float64", "float16")  # spec.costs.DTYPE_BYTES
@@ -338,8 +341,7 @@ def _against(s: S.Spec, spec_source: str, path: Path, given: dict, json_path: Op
 @clear_errors
 def generate_command(
     source: str = typer.Argument(..., metavar="WEIGHTS_OR_SPEC",
-                                 help="a .safetensors file written by weights_bridge.save, or a spec: " + SPEC_HELP
-                                 + " (random weights from --seed)"),
+                                 help=WEIGHTS_OR_SPEC_HELP),
     backend: str = typer.Option("torch", help="torch | jax"),
     prompt: str = typer.Option("", help="prompt text (byte tokenizer; BOS is prepended)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=0, help="tokens to generate"),
@@ -447,8 +449,7 @@ def generate_command(
 @clear_errors
 def trace_command(
     source: str = typer.Argument(..., metavar="SPEC_OR_WEIGHTS",
-                                 help="a .safetensors file written by weights_bridge.save, or a spec: " + SPEC_HELP
-                                 + " (random weights from --seed)"),
+                                 help=WEIGHTS_OR_SPEC_HELP),
     backend: str = typer.Option("torch", help="torch | jax"),
     prompt: str = typer.Option("", help="prompt text (byte tokenizer; BOS is prepended)"),
     out: Optional[Path] = typer.Option(None, help="folder for trace.json and the PNGs (default: trace-<spec>-<backend>)"),

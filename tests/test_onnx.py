@@ -106,9 +106,14 @@ def test_while_loop_form_refuses_training():
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory):
     """tiny, float64, N = 4, dynamic batch and seq: exported once through the CLI, loaded from the file."""
+    return _export_tiny64(tmp_path_factory, "tiny.onnx")
+
+
+def _export_tiny64(tmp_path_factory, name: str, *flags: str):
+    """(path, OnnxModel from the file, the torch twin): tiny in float64 with N = 4, through `mythos export onnx`."""
     ox = _onnx()
-    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    r = runner.invoke(app, ["export", "onnx", "tiny", str(out), "--dtype", "float64", "--loops", str(N)])
+    out = tmp_path_factory.mktemp("onnx") / name
+    r = runner.invoke(app, ["export", "onnx", "tiny", str(out), "--dtype", "float64", "--loops", str(N), *flags])
     assert r.exit_code == 0, r.output
     s = S.preset("tiny")
     return out, ox.OnnxModel.from_file(out, s, threads=1), mt.build(s, seed=0, dtype="float64")
@@ -202,12 +207,7 @@ def test_export_cli_refuses_a_missing_folder(tmp_path):
 @pytest.fixture(scope="module")
 def tiny64_step(tmp_path_factory):
     """tiny, float64, N = 4: the decode-step graph (`--cache`), exported once through the CLI."""
-    ox = _onnx()
-    out = tmp_path_factory.mktemp("onnx") / "tiny-step.onnx"
-    r = runner.invoke(app, ["export", "onnx", "tiny", str(out), "--dtype", "float64", "--loops", str(N), "--cache"])
-    assert r.exit_code == 0, r.output
-    s = S.preset("tiny")
-    return out, ox.OnnxModel.from_file(out, s, threads=1), mt.build(s, seed=0, dtype="float64")
+    return _export_tiny64(tmp_path_factory, "tiny-step.onnx", "--cache")
 
 
 def test_decode_graph_io_past_in_present_out(tiny64_step):
