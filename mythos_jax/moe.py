@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,9 @@ class MoE(nnx.Module):
         self.experts = Experts(m.n_experts, dim, m.expert_dim, dtype=dtype, rngs=rngs)
         self.shared_experts = nnx.List(
             [SwiGLU(dim, m.expert_dim * m.top_k, dtype=dtype, rngs=rngs) for _ in range(m.n_shared_experts)])
+        # expert parallelism (sharding.shard with strategy ep): dispatch(experts, x (N, D), idx (N, k)) -> (N, k, D)
+        # sends each row to its experts' devices and back (expert_parallel.py); None: every expert is local
+        self.dispatch: Callable[[Experts, jax.Array, jax.Array], jax.Array] | None = None
 
     def __call__(self, x: jax.Array, force_idx: jax.Array | None = None) -> tuple[jax.Array, Route]:
         """x (B, T, D) -> (out (B, T, D), Route(expert idx (B, T, k) int32, router margin (B, T))).
@@ -82,7 +86,8 @@ class MoE(nnx.Module):
             s = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), idx, axis=-1)
             w = s / s.sum(-1, keepdims=True)
         flat = x.reshape(B * T, D)
-        y = self.experts(flat, idx.reshape(B * T, k))  # (B*T, k, D)
+        experts = self.experts if self.dispatch is None else functools.partial(self.dispatch, self.experts)
+        y = experts(flat, idx.reshape(B * T, k))  # (B*T, k, D)
         w = w.reshape(B * T, k).astype(x.dtype)
         out = jnp.zeros_like(flat)
         for j in range(k):  # slot by slot, the summation order of open-mythos

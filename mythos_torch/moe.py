@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,9 @@ class MoE(nn.Module):
         self.experts = Experts(m.n_experts, dim, m.expert_dim, dtype=dtype)
         self.shared_experts = nn.ModuleList(
             [SwiGLU(dim, m.expert_dim * m.top_k, dtype=dtype) for _ in range(m.n_shared_experts)])
+        # expert parallelism (sharding.shard with strategy ep): dispatch(experts, x (N, D), idx (N, k)) -> (N, k, D)
+        # sends each row to its experts' rank and back (expert_parallel.py); None: every expert is local
+        self.dispatch: Callable[[Experts, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, force_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, Route]:
         """x (B, T, D) -> out (B, T, D), Route(expert idx (B, T, k) int32, router margin (B, T)).
@@ -72,7 +76,8 @@ class MoE(nn.Module):
             s = torch.softmax(z, dim=-1).gather(-1, idx.long())
             w = s / s.sum(-1, keepdim=True)
         flat = x.reshape(B * T, D)
-        y = self.experts(flat, idx.reshape(B * T, k))  # (B*T, k, D)
+        experts = self.experts if self.dispatch is None else functools.partial(self.dispatch, self.experts)
+        y = experts(flat, idx.reshape(B * T, k))  # (B*T, k, D)
         wy = w.reshape(B * T, k, 1).to(x.dtype) * y  # (B*T, k, D): slot j's w_j * expert_j(x)
         out = wy[:, 0]
         for j in range(1, k):  # slot by slot, the summation order of open-mythos (0 + w_0 y_0 == w_0 y_0)
