@@ -48,6 +48,8 @@ from weights_bridge.convert import remove_stale_temporaries
 
 from .checkpoints import read_state, write_state
 from .load import LoadError, check_output_dir
+from . import scale
+from .scale import Layout, barrier, is_main, local_rows, place
 from .tasks import Task, exact_match, get_task, make_batch, parse_difficulty
 
 FORMAT = "mythos-train"
@@ -132,18 +134,25 @@ def save_checkpoint(out: Path, run: Run, tr, keep: int = 2) -> Path:
     train = _train_module(run.backend)
     final = out / f"step-{tr.step:06d}"
     tmp = out / f".step-{tr.step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    main = is_main()  # a sharded torch run: every rank gathers its shards, rank 0 alone writes
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
         wb.save(tr.model, tmp / "weights.safetensors")
-        write_state(tmp / "optimizer.safetensors", train.optimizer_arrays(tr), run.meta(tr.step))
+        state = train.optimizer_arrays(tr)
+        if main:
+            write_state(tmp / "optimizer.safetensors", state, run.meta(tr.step))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # the checkpoint appears complete or not at all
-    for _, old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # the checkpoint appears complete or not at all
+        for _, old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(run.backend)
     return final
 
 
@@ -160,8 +169,9 @@ def _spec_diff(theirs: S.Spec, ours: S.Spec) -> str:
     return ", ".join(diff[:6]) + (f" (and {len(diff) - 6} more)" if len(diff) > 6 else "")
 
 
-def load_checkpoint(path: Path, run: Run):
-    """A Trainer restored from a checkpoint directory, after checking that it belongs to `run`.
+def load_checkpoint(path: Path, run: Run, lay: Layout = Layout()):
+    """A Trainer restored from a checkpoint directory, after checking that it belongs to `run`; the model is
+    placed on the layout's mesh (a checkpoint holds whole tensors: any mesh may resume it).
 
     Raises:
         TrainError: a checkpoint of another run, or a missing, truncated or corrupt file in it (named).
@@ -200,7 +210,7 @@ def load_checkpoint(path: Path, run: Run):
     train = _train_module(run.backend)
     try:
         model = wb.load(path / "weights.safetensors", backend=run.backend)
-        tr = train.Trainer(model, run.cfg)
+        tr = train.Trainer(place(run.backend, model, lay), run.cfg)
         train.load_optimizer_arrays(tr, arrays)
     except ValueError as e:  # BridgeError (a missing or corrupt weights file), or state that does not fit
         raise TrainError(f"cannot resume from {path}: {e}; {advice}") from None
@@ -265,10 +275,10 @@ def _train_module(backend: str):
     return backends.twin(backend).train
 
 
-def new_trainer(run: Run):
-    """A fresh model (spec.init_arrays(spec, cfg.seed)) and its Trainer."""
+def new_trainer(run: Run, lay: Layout = Layout()):
+    """A fresh model (spec.init_arrays(spec, cfg.seed)), placed on the layout's mesh, and its Trainer."""
     model = backends.twin(run.backend).build(run.spec, seed=run.cfg.seed, dtype=run.cfg.dtype)
-    return _train_module(run.backend).Trainer(model, run.cfg)
+    return _train_module(run.backend).Trainer(place(run.backend, model, lay), run.cfg)
 
 
 def _names(names: list[str], shown: int = 4) -> str:
@@ -388,7 +398,7 @@ def _diverged(run: Run, out: Path | None, task: Task, step: int, what: str, r) -
 
 def train(run: Run, out: Path | None, *, checkpoint_every: int = 0, resume: bool = True, stop_at: int | None = None,
           on_step: Callable[[int, object, float], None] | None = None, log: bool = True,
-          on_event: Callable[[str], None] | None = None):
+          on_event: Callable[[str], None] | None = None, layout: Layout = Layout()):
     """Train `run` from scratch or from the newest checkpoint in `out`; returns the Trainer.
 
     Args:
@@ -400,6 +410,8 @@ def train(run: Run, out: Path | None, *, checkpoint_every: int = 0, resume: bool
         stop_at: stop after this step (a deliberate interruption; the run resumes later), default cfg.steps.
         on_step: called with (step, StepResult, tokens per second) after each step.
         on_event: called with a one-line note (a resume, leftovers removed, an old run set aside).
+        layout: a mesh and strategy (mythos/scale.py: the model is sharded over it, each batch split), or one
+            device. Under torch.distributed every rank calls train(); rank 0 alone writes the log and files.
     Raises:
         TrainError: bad arguments or a checkpoint that cannot be resumed (before any step).
         TrainDiverged: a non-finite loss, gradient norm or weight (no checkpoint is written after it).
@@ -419,34 +431,37 @@ def train(run: Run, out: Path | None, *, checkpoint_every: int = 0, resume: bool
     if run.cfg.dtype == "float64":
         backends.enable_float64(run.backend)  # before a float64 model is built or loaded from a checkpoint
     tr, aside = None, None
+    main = is_main()  # torch ranks: rank 0 alone changes files; the others read what it leaves
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        removed = clean_leftovers(out)
-        if removed:
-            say(f"removed {len(removed)} leftover(s) of an interrupted write: {_names([p.name for p in removed])}")
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            removed = clean_leftovers(out)
+            if removed:
+                say(f"removed {len(removed)} leftover(s) of an interrupted write: {_names([p.name for p in removed])}")
+        barrier(run.backend)
         found = checkpoints(out)
         if found and resume:
-            tr = load_checkpoint(found[-1][1], run)
+            tr = load_checkpoint(found[-1][1], run, layout)
             say(f"resumed from {found[-1][1]} (step {tr.step})")
-        elif not resume and (found or (out / LOG_NAME).exists()):
+        elif not resume and (found or (out / LOG_NAME).exists()) and main:
             aside = set_aside(out)
             say(f"the old run is kept in {aside} until the first new checkpoint is written")
     if tr is None:
-        tr = new_trainer(run)
-    if out is not None:
+        tr = new_trainer(run, layout)
+    if out is not None and main:
         dropped = truncate_log(out, tr.step)
         if dropped:
             say(f"{LOG_NAME}: dropped {dropped} line(s) after step {tr.step} (they are run again)")
     train_mod = _train_module(run.backend)
     cfg, end = run.cfg, min(run.cfg.steps, stop_at if stop_at is not None else run.cfg.steps)
-    logf = open(out / LOG_NAME, "a", encoding="utf-8") if (out is not None and log) else None
+    logf = open(out / LOG_NAME, "a", encoding="utf-8") if (out is not None and log and is_main()) else None
     try:
         while tr.step < end:
             step = tr.step
             b = make_batch(task, cfg.seed, step, cfg.batch_size, run.difficulty)
             n, k = loop_plan(cfg, run.spec, step)
             t0 = time.perf_counter()
-            r = train_mod.train_step(tr, b.ids, b.targets, b.mask, n, k)
+            r = train_mod.train_step(tr, *local_rows(run.backend, tr.model, b.ids, b.targets, b.mask), n, k)
             dt = time.perf_counter() - t0
             tps = b.ids.size / dt
             if not (math.isfinite(r.loss) and math.isfinite(r.grad_norm)):
@@ -521,6 +536,11 @@ def train_command(
     eval_loops: Optional[int] = typer.Option(None, "--eval-loops", help="loop steps at evaluation (default max_loop_iters)"),
     eval_examples: int = typer.Option(512, "--eval-examples", min=1),
     set_: list[str] = typer.Option([], "--set", help="override a spec field (repeatable)"),
+    mesh: Optional[str] = typer.Option(None, help="shard over a device mesh, e.g. data=2,expert=4 (axes data, model, "
+                                       "expert; JAX: the devices of this host; torch: run under torchrun, one rank "
+                                       "per device; docs/scaling.md)"),
+    strategy: Optional[str] = typer.Option(None, help="dp | fsdp | tp | ep, combined with + (e.g. fsdp+tp); "
+                                           "default: data -> dp, model -> tp, expert -> ep"),
 ) -> None:
     """Train a twin on a synthetic task: progress (loss, tokens/s, loops), checkpoints, resume, exact-match table.
 
@@ -547,6 +567,10 @@ def train_command(
     run = Run(s, cfg, task, parse_difficulty(difficulty), backend)
     the_task = get_task(task)
     check_run(run, the_task)
+    try:
+        lay = scale.layout(backend, s, mesh, strategy, batch_size)
+    except scale.LayoutError as e:
+        raise TrainError(str(e)) from None
     eval_range = parse_difficulty(eval_difficulty or difficulty)
     if stop_at is not None and not 1 <= stop_at <= steps:
         raise TrainError(f"--stop-at {stop_at} must lie in [1, --steps={steps}] (the step to stop after)")
@@ -554,6 +578,11 @@ def train_command(
         check_output_dir(out, "--out")
     n = eval_loops or s.recurrent.max_loop_iters
     eval_ds = [d for d in range(eval_range[0], eval_range[1] + 1) if the_task.seq_len(d) <= s.max_seq_len]
+    scale.start(backend, lay)  # a torch mesh: join the process group (torchrun's environment)
+    if not is_main():  # the other ranks compute and stay quiet
+        console = Console(quiet=True)
+    if lay.mesh is not None:
+        console.print(f"[dim]{backend} on {escape(lay.describe())}[/dim]")
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s  loops {task.fields[loops]:.2f}"),
@@ -569,7 +598,7 @@ def train_command(
             progress.console.print(f"[dim]{escape(msg)}[/dim]")
 
         tr = train(run, out, checkpoint_every=checkpoint_every, resume=resume, stop_at=stop_at, on_step=on_step,
-                   on_event=on_event)
+                   on_event=on_event, layout=lay)
         progress.update(bar, completed=tr.step)
     console.print(f"[dim]{tr.step} steps done, {time.perf_counter() - started:.1f} s"
                   + escape(f", checkpoint in {checkpoints(out)[-1][1]}" if out is not None and checkpoints(out) else "")

@@ -166,14 +166,32 @@ def test_info_negative_loops_no_negative_flops():
     (["--bptt", "0"], "bptt=0 must be >= 1"),
     (["--difficulty", "3-1"], "difficulty '3-1' must satisfy 1 <= low <= high"),
     (["--dtype", "int8"], "dtype='int8' is not allowed"),
+    (["--mesh", "data=2,data=2"], "--mesh: axis 'data' given twice"),
+    (["--mesh", "batch=2"], "--mesh: unknown axis 'batch'; allowed: data, model, expert"),
+    (["--mesh", "data=0"], "--mesh: data=0 must be at least 1"),
+    (["--strategy", "fsdp"], "--strategy needs --mesh"),
+    (["--mesh", "data=2", "--strategy", "dp+fsdp"], "dp and fsdp both use the data axis"),
+    (["--mesh", "data=2", "--strategy", "tp"], "strategy tp needs mesh axis 'model'"),
+    (["--mesh", "data=2,model=2", "--strategy", "dp"], "mesh axis model=2 is used by no strategy"),
+    # tiny: 4 heads, 2 kv heads, 4 experts; batch 2
+    (["--mesh", "model=4"], "prelude.0.attn.wk.weight: dimension 0 (kv_heads, 2 kv heads) is not divisible "
+                            "by mesh axis model=4"),
+    (["--mesh", "expert=8"], "dimension 0 (expert, 4 elements) is not divisible by mesh axis expert=8"),
+    (["--mesh", "data=4"], "batch 2 is not divisible by the 4 batch shards of mesh data=4"),
+    (["--mesh", "data=2"], "--mesh data=2 needs 2 torch ranks, this process is one of 1: run it under torchrun "
+                           "--nproc-per-node 2 -m mythos train"),
+    (["--mesh", "data=2", "--backend", "jax"], ("--mesh data=2 needs 2 JAX devices, JAX has 1",
+                                                "XLA_FLAGS=--xla_force_host_platform_device_count=2")),
 ])
 def test_train_arguments_are_checked_before_any_work(args, message, tmp_path, monkeypatch):
+    messages = message if isinstance(message, tuple) else (message,)
+
     def no_work(*a, **k):
         raise AssertionError("training started before every argument was checked")
 
     monkeypatch.setattr(PT, "train", no_work)
     out = tmp_path / "run"
-    refused([*TRAIN, "--out", str(out), *args], message)
+    refused([*TRAIN, "--out", str(out), *args], *messages)
     assert not out.exists()
 
 
