@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 import spec as S
+import spec.sharding as SH
 from weights_bridge import backends
 
 from .load import LoadError, check_choice, check_output_dir, check_output_file, is_weights_file, load_model, resolve
@@ -146,12 +147,26 @@ def info(
     dtype: str = typer.Option("float32", help="dtype for cache bytes: " + " | ".join(INFO_DTYPES)),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     show_spec: bool = typer.Option(False, "--yaml", help="also print the full spec as YAML"),
+    mesh_text: Optional[str] = typer.Option(None, "--mesh", help="a device mesh, e.g. data=2,expert=4 (axes: "
+                                            "data, model, expert): per-device memory and collectives per strategy"),
+    strategy: Optional[str] = typer.Option(None, help="with --mesh: one strategy, e.g. dp+ep or fsdp+tp "
+                                           "(default: every strategy the mesh supports)"),
+    batch: Optional[int] = typer.Option(None, min=1, help="with --mesh: the global batch (default: one sequence "
+                                        "per data x expert shard)"),
 ) -> None:
-    """Parameters per component, active parameters, FLOPs and KV-cache bytes per token."""
+    """Parameters per component, active parameters, FLOPs and KV-cache bytes per token; with --mesh, the
+    per-device memory and collectives of each sharding strategy (docs/scaling.md)."""
     s = _load_spec(spec_source, set_)
     check_choice("--dtype", dtype, INFO_DTYPES)
     n = _check(S.check_loops, s, loops, what="--loops") if loops is not None else s.recurrent.max_loop_iters
     seq = _check(S.check_length, s, seq, what="--seq") if seq is not None else min(256, s.max_seq_len)
+    if mesh_text is None and (strategy is not None or batch is not None):
+        fail("--strategy and --batch describe a mesh: give --mesh too, e.g. --mesh data=2,expert=4")
+    mesh = strategies = None
+    if mesh_text is not None:  # checked before any table is printed: a bad mesh is exit 2 and one message
+        mesh = SH.parse_mesh(mesh_text)
+        strategies = [SH.parse_strategy(strategy, mesh)] if strategy else SH.strategies_for(mesh)
+        batch = batch if batch is not None else mesh.get("data", 1) * mesh.get("expert", 1)
     counts = S.count_params(s)
     total = counts.pop("total")
     active = counts.pop("active")
@@ -189,8 +204,60 @@ def info(
     t.add_section()
     t.add_row("total per token", f"{kv['total']:,}")
     console.print(t)
+    if mesh is not None:
+        _mesh_tables(s, mesh, strategies, batch=batch, seq=seq, n=n, dtype=dtype)
     if show_spec:
         console.print(escape(S.dump(s)))
+
+
+def _ib(x: int) -> str:
+    """Bytes in binary units: 512 B, 114.46 KiB, 1.86 GiB."""
+    for unit, scale in (("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if x >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:,} B"
+
+
+def _mesh_tables(s: S.Spec, mesh: SH.Mesh, strategies: list[SH.Strategy], *, batch: int, seq: int, n: int,
+                 dtype: str) -> None:
+    """`mythos info --mesh`: one row of per-device bytes per strategy (the SpecError where the spec cannot use
+    it), then each usable strategy's collectives (spec.sharding.per_device_bytes, collectives_per_step)."""
+    where = f"{SH.format_mesh(mesh)} ({SH.mesh_size(mesh)} devices)"
+    results: list[tuple[str, dict | None, list, str]] = []  # strategy, per-device bytes, collectives, refusal
+    for st in strategies:
+        try:
+            mem = SH.per_device_bytes(s, mesh, st, batch=batch, seq_len=seq, n_loops=n, dtype=dtype)
+            rows = SH.collectives_per_step(s, mesh, st, batch=batch, seq_len=seq, dtype=dtype)
+            results.append(("+".join(st), mem, rows, ""))
+        except S.SpecError as e:
+            results.append(("+".join(st), None, [], str(e)))
+    t = Table(title=f"per device on mesh {where}: batch {batch}, seq {seq}, {n} loop steps, {dtype}, AdamW")
+    for col in ("strategy", "params", "optimizer", "KV cache", "total", "coll./loop step", "coll./train step"):
+        t.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
+    if any(why for *_, why in results):
+        t.add_column("cannot use")
+    usable = []
+    for name, mem, rows, why in results:
+        if mem is None:
+            t.add_row(name, "-", "-", "-", "-", "-", "-", f"[red]{escape(why)}[/red]")
+            continue
+        fwd = sum(r.bytes for r in rows if r.phase == "forward")
+        per_step = sum(r.bytes for r in rows if r.phase != "training step")
+        train = n * per_step + sum(r.bytes for r in rows if r.phase == "training step")
+        cells = [_ib(mem["params"]), _ib(mem["optimizer"]), _ib(mem["kv_cache"]), _ib(mem["total"]), _ib(fwd),
+                 _ib(train)]
+        t.add_row(name, *cells, *([""] if len(t.columns) == 8 else []))
+        usable.append((name, rows))
+    console.print(t)
+    for name, rows in usable:
+        t = Table(title=f"collectives of {name} on {where}: bytes sent per device (loop step rows: per loop step)")
+        for col in ("phase", "part", "collective", "what", "count", "bytes"):
+            t.add_column(col, justify="right" if col in ("count", "bytes") else "left")
+        for r in rows:
+            t.add_row(r.phase, r.strategy, r.kind, escape(r.what.split(": ", 1)[1]), str(r.count), _ib(r.bytes))
+        if not rows:
+            t.add_row("-", name, "none", "no collective: every device holds the whole model and batch", "0", "0 B")
+        console.print(t)
 
 
 @app.command("parity")

@@ -21,16 +21,22 @@ Logical axes (the torch layout of the manifest: a Linear weight is [out, in]):
 hidden width: prelude, coda, the dense loop FFN, shared experts), `expert` (routed experts), `expert_mlp`
 (a routed expert's hidden width: tp leaves it whole, as torch's DTensor plans cannot split stacked experts),
 `latent` (MLA's low-rank widths), `rank` (LoRA), `loop` (per-step tables), `summaries` (compressor queries),
-and None (a tensor too small to split).
+and None (a tensor too small to split, and the MoE router: each shard routes its own tokens over every expert).
+
+What a mesh costs, from the same tables: per_device_bytes (parameters, AdamW state, KV cache per device)
+and collectives_per_step (the collectives each strategy issues per loop step and per training step, with
+the textbook bytes per device); `mythos info SPEC --mesh ...` prints both.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
+from .costs import DTYPE_BYTES, cache_shapes
 from .manifest import manifest
-from .schema import Spec, SpecError
+from .schema import Spec, SpecError, check_length, check_loops
 
 MESH_AXES = ("data", "model", "expert")
 STRATEGIES = ("dp", "fsdp", "tp", "ep")
@@ -134,9 +140,12 @@ def logical_axes(s: Spec) -> dict[str, tuple[str | None, ...]]:
         elif ".experts." in path:  # routed experts [E, in, out]
             axes = ("expert", "embed", "expert_mlp") if path.endswith(("gate", "up")) else ("expert", "expert_mlp", "embed")
         elif path.endswith("router_bias"):
-            axes = ("expert",)
+            # the router stays whole on every device: each shard routes its own tokens over all experts
+            # (a router split over `expert` would gather its logits every loop step), and the bias moves by
+            # the all-reduced load on every rank
+            axes = (None,)
         elif path.endswith("ffn.router.weight"):
-            axes = ("expert", "embed")
+            axes = (None, "embed")
         elif ".attn." in path and not path.endswith(("norm.weight",)):
             axes = _attention_axes(name, a.type)
         elif name in ("gate", "up") and path.endswith(".weight"):  # SwiGLU [hidden, D]
@@ -238,3 +247,247 @@ def check_batch(mesh: Mesh, strategy: Strategy, batch: int) -> None:
     if batch % n:
         raise SpecError(f"batch {batch} is not divisible by the {n} batch shards of mesh "
                         f"{format_mesh(mesh)} ({'x'.join(axes)}) under {'+'.join(strategy)}")
+
+
+# ---- what a mesh costs: per-device memory and collectives (docs/scaling.md) ----
+
+OPTIMIZERS = ("adamw", "none")
+PHASES = ("forward", "backward", "training step")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")  # the HLO op names
+FLAG_BYTES = 4  # ACT's "any position still running", one int32
+LOAD_BYTES = 4  # the expert load, (E,) int32 (expert_load in both twins)
+
+
+class Collective(NamedTuple):
+    """One row of collectives_per_step.
+
+    strategy: the strategy part that issues it ("tp", "ep", "dp+ep" for a group over both axes); kind:
+    one of COLLECTIVES; what: "<phase>: <what travels>", phase one of PHASES; count: collectives per
+    loop step (per training step in a "training step" row); bytes: bytes sent per device by those
+    `count` collectives together, rounded down.
+    """
+    strategy: str
+    kind: str
+    what: str
+    count: int
+    bytes: int
+
+    @property
+    def phase(self) -> str:
+        """forward | backward (per loop step) | training step (once per training step)."""
+        return self.what.split(":", 1)[0]
+
+
+def _resolve(mesh: Mesh | str, strategy: str | Strategy | None) -> tuple[Mesh, Strategy]:
+    """A mesh (dict or 'data=2,...' text) and a strategy (tuple, 'fsdp+tp' or None), checked together."""
+    mesh = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    text = strategy if strategy is None or isinstance(strategy, str) else "+".join(strategy)
+    return mesh, parse_strategy(text, mesh)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise SpecError(f"dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def _shards(axes: tuple[str | None, ...], mesh: Mesh) -> int:
+    """How many pieces a tensor placed on these mesh axes is cut into (one device holds one)."""
+    return math.prod(mesh[a] for a in axes if a is not None)
+
+
+def _batch_shards(mesh: Mesh, strategy: Strategy) -> int:
+    return math.prod(mesh[a] for a in batch_axes(mesh, strategy))
+
+
+def _positive(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{what}={value!r} must be a whole number >= 1")
+    return value
+
+
+def per_device_bytes(s: Spec, mesh: Mesh | str, strategy: str | Strategy | None, *, batch: int, seq_len: int,
+                     n_loops: int | None = None, dtype: str = "float32", optimizer: str = "adamw") -> dict[str, int]:
+    """Bytes one device holds when the model runs on ``mesh`` under ``strategy`` (from the spec alone).
+
+    Every tensor's bytes divided by the product of the mesh sizes of its split dimensions (partition()):
+
+    - ``params``: every manifest tensor in ``dtype``; buffers (the router bias) in the accumulation dtype
+      (float64 for float64, else float32), as both twins keep them;
+    - ``optimizer``: AdamW's two moments per parameter (not buffers), sharded like the parameter, in
+      float32 (float64 for a float64 model), plus a float32 master copy of the weights when ``dtype`` is
+      bfloat16 or float16; ``optimizer="none"`` (inference): 0;
+    - ``kv_cache``: spec.cache_shapes(s, batch, seq_len, n_loops) in ``dtype``, the batch axis split over
+      batch_axes(mesh, strategy), and GQA's kv-head axis over ``model`` under tp (MLA's latent cache and
+      rope key are shared by every head: tp leaves them whole);
+    - ``total``: their sum (gradients, as many bytes as ``params`` under training, and activations are not
+      counted).
+
+    Raises SpecError when the strategy cannot split the spec on this mesh (partition()), when ``batch`` does
+    not split over the batch shards, or for a bad ``seq_len``, ``n_loops``, ``dtype`` or ``optimizer``.
+    """
+    mesh, strategy = _resolve(mesh, strategy)
+    b = _dtype_bytes(dtype)
+    if optimizer not in OPTIMIZERS:
+        raise SpecError(f"optimizer {optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
+    place = partition(s, mesh, strategy)
+    check_batch(mesh, strategy, _positive(batch, "batch"))
+    seq_len = check_length(s, seq_len, what="seq_len")
+    n = s.recurrent.max_loop_iters if n_loops is None else check_loops(s, n_loops, what="n_loops")
+    acc = 8 if b == 8 else 4  # buffers, moments, master weights: the accumulation dtype
+
+    params = optim = 0
+    for p in manifest(s):
+        local = p.numel // _shards(place[p.path], mesh)
+        if p.kind == "buffer":
+            params += local * acc
+            continue
+        params += local * b
+        if optimizer == "adamw":
+            optim += 2 * local * acc + (4 * local if b < 4 else 0)
+
+    split_batch = _batch_shards(mesh, strategy)
+    heads = mesh.get("model", 1) if "tp" in strategy and s.attention.type == "gqa" else 1
+    cache = 0
+    for name, shape in cache_shapes(s, batch, seq_len, n).items():
+        pieces = split_batch * (heads if name in ("k", "v") else 1)  # (L, B, S, H_kv, K): B and H_kv split
+        cache += math.prod(shape) // pieces * b
+    return {"params": params, "optimizer": optim, "kv_cache": cache, "total": params + optim + cache}
+
+
+def _all_reduce(x: int, n: int) -> int:
+    """Ring all-reduce of x bytes over n devices: 2 (n - 1) / n x sent per device."""
+    return 2 * (n - 1) * x // n
+
+
+def _all_gather(full: int, n: int) -> int:
+    """All-gather (or reduce-scatter) of a tensor of `full` bytes over n devices: (n - 1) / n x full."""
+    return (n - 1) * full // n
+
+
+def _all_to_all(local: int, n: int) -> int:
+    """All-to-all of a local buffer of `local` bytes over n devices: (n - 1) / n of it leaves the device."""
+    return (n - 1) * local // n
+
+
+def _label(strategy: Strategy, axes: tuple[str, ...]) -> str:
+    """The strategy parts whose mesh axes these are: ('data', 'expert') under dp+ep -> 'dp+ep'."""
+    return "+".join(st for st in strategy if STRATEGY_AXIS[st] in axes)
+
+
+def collectives_per_step(s: Spec, mesh: Mesh | str, strategy: str | Strategy | None, *, batch: int, seq_len: int,
+                         dtype: str = "float32", capacity_factor: float = 1.0) -> list[Collective]:
+    """The collectives a strategy implies per loop step (the forward and backward of one call of the
+    looped block), plus those issued once per training step, with the textbook bytes per device.
+
+    B_l = batch / (batch shards), T = seq_len, D = dim, b = bytes of ``dtype``, n = the size of the mesh
+    axis (or axes) the collective runs over; A = B_l T D b, one activation of the residual stream.
+    Ring all-reduce sends 2 (n - 1) / n x size per device; all-gather and reduce-scatter (n - 1) / n x
+    the full (gathered) size; all-to-all (n - 1) / n x the local buffer. The loop block is every
+    ``recurrent.*`` tensor (one FSDP unit, called once per loop step); the rest (embedding, prelude,
+    coda, final norm, head) runs once per forward.
+
+    - dp: nothing in the forward. Per training step: one all-reduce of the gradients over the batch axes
+      a tensor is not split on (data, plus expert under ep for every tensor but the expert stacks).
+    - fsdp: per loop step, the forward all-gathers the loop block's data-split parameters (FSDP re-gathers
+      the shared block at every call: (n - 1) x its local bytes); the backward gathers them again
+      (reshard after forward, FSDP2's default) and reduce-scatters their gradients. Per training step:
+      the same for the tensors outside the loop (all-gather twice, reduce-scatter once), and an all-reduce
+      of the gradients of tensors fsdp leaves whole (no embed axis).
+    - tp: two all-reduces of A per block call (the attention output after wo, the FFN output after down;
+      the routed experts are not tp-split, the shared experts' output joins the FFN all-reduce), two more
+      in the backward (the input gradients of the column-parallel projections); 4 (P + C) per training
+      step for the prelude and coda blocks.
+    - ep: two all-to-alls per loop step (dispatch, combine) of a fixed-capacity buffer of
+      E_l x ceil(c B_l T k / E_l) rows of D (E_l = the expert axis size, c = ``capacity_factor``; c = 1
+      drops no token when routing is even, c = E_l never drops one), two more in the backward.
+    - ACT's early exit: one all-reduce of one int32 flag ("any position still running") per loop step over
+      the batch axes, so every shard runs the same steps (torch: explicit; JAX: the while_loop predicate
+      over a sharded array; the scan loop and tp alone need none).
+    - MoE with a split batch: one all-reduce of the expert load ((E,) int32) per training step, so the
+      router bias moves by the same load on every device.
+
+    Rows for a mesh axis of size 1 are left out. Raises SpecError as per_device_bytes does.
+    """
+    mesh, strategy = _resolve(mesh, strategy)
+    b = _dtype_bytes(dtype)
+    place = partition(s, mesh, strategy)
+    check_batch(mesh, strategy, _positive(batch, "batch"))
+    T = check_length(s, seq_len, what="seq_len")
+    if not (isinstance(capacity_factor, (int, float)) and 0 < capacity_factor <= 1024):
+        raise SpecError(f"capacity_factor={capacity_factor!r} must be a number in (0, 1024]")
+    bx = batch_axes(mesh, strategy)
+    g = math.prod(mesh[a] for a in bx)
+    B = batch // g
+    A = B * T * s.dim * b
+    rows: list[Collective] = []
+
+    def add(st: str, kind: str, what: str, count: int, nbytes: int) -> None:
+        rows.append(Collective(st, kind, what, count, nbytes))
+
+    params = [p for p in manifest(s) if p.kind != "buffer"]
+    local = {p.path: p.numel // _shards(place[p.path], mesh) * b for p in params}
+    in_loop = {p.path: p.path.startswith("recurrent.") for p in params}
+    nd = mesh.get("data", 1)
+    fsdp = "fsdp" in strategy and nd > 1
+    split = [p.path for p in params if fsdp and "data" in place[p.path]]
+    loop_split = [x for x in split if in_loop[x]]
+    rest_split = [x for x in split if not in_loop[x]]
+
+    # forward, per loop step
+    if loop_split:
+        add("fsdp", "all-gather", f"forward: the loop block's {len(loop_split)} data-split parameters", 1,
+            sum((nd - 1) * local[x] for x in loop_split))
+    nm = mesh.get("model", 1)
+    if "tp" in strategy and nm > 1:
+        add("tp", "all-reduce", f"forward: attention and FFN outputs, 2 x (B_l={B}, T={T}, D={s.dim})", 2,
+            2 * _all_reduce(A, nm))
+    ne = mesh.get("expert", 1)
+    moe = s.recurrent.ffn == "moe"
+    if "ep" in strategy and ne > 1:
+        k = s.moe.top_k
+        cap = math.ceil(capacity_factor * B * T * k / ne)  # rows each device sends to each expert shard
+        buf = ne * cap * s.dim * b
+        for step in ("dispatch", "combine"):
+            add("ep", "all-to-all", f"forward: {step}, {ne} x {cap} rows of D={s.dim} (capacity factor "
+                f"{capacity_factor:g})", 1, _all_to_all(buf, ne))
+    if g > 1:
+        add(_label(strategy, bx), "all-reduce", "forward: ACT early exit, one flag: any position still running",
+            1, _all_reduce(FLAG_BYTES, g))
+
+    # backward, per loop step
+    if loop_split:
+        add("fsdp", "all-gather", f"backward: the loop block's {len(loop_split)} data-split parameters again", 1,
+            sum((nd - 1) * local[x] for x in loop_split))
+        add("fsdp", "reduce-scatter", f"backward: gradients of the loop block's {len(loop_split)} data-split "
+            "parameters", 1, sum((nd - 1) * local[x] for x in loop_split))
+    if "tp" in strategy and nm > 1:
+        add("tp", "all-reduce", "backward: input gradients of the column-parallel projections, 2 x (B_l, T, D)",
+            2, 2 * _all_reduce(A, nm))
+    if "ep" in strategy and ne > 1:
+        for step in ("dispatch", "combine"):
+            add("ep", "all-to-all", f"backward: the gradient of the {step}", 1, _all_to_all(buf, ne))
+
+    # once per training step
+    if rest_split:
+        add("fsdp", "all-gather", f"training step: the {len(rest_split)} data-split parameters outside the loop, "
+            "forward and backward", 2, 2 * sum((nd - 1) * local[x] for x in rest_split))
+        add("fsdp", "reduce-scatter", f"training step: gradients of the {len(rest_split)} data-split parameters "
+            "outside the loop", 1, sum((nd - 1) * local[x] for x in rest_split))
+    if "tp" in strategy and nm > 1 and s.prelude_layers + s.coda_layers:
+        blocks = s.prelude_layers + s.coda_layers
+        add("tp", "all-reduce", f"training step: {blocks} prelude and coda blocks, 2 forward + 2 backward each",
+            4 * blocks, 4 * blocks * _all_reduce(A, nm))
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for p in params:  # gradient sync: over the batch axes the tensor is not split on (data: fsdp scattered it)
+        axes = tuple(a for a in bx if a not in place[p.path])
+        if axes:
+            groups.setdefault(axes, []).append(p.path)
+    for axes, paths in groups.items():
+        n = math.prod(mesh[a] for a in axes)
+        add(_label(strategy, axes), "all-reduce", f"training step: gradients of {len(paths)} tensors over "
+            f"{' x '.join(axes)} ({n} devices)", 1, _all_reduce(sum(local[x] for x in paths), n))
+    if moe and g > 1:
+        add(_label(strategy, bx), "all-reduce", f"training step: expert load ({s.moe.n_experts},) int32 for the "
+            "router bias", 1, _all_reduce(s.moe.n_experts * LOAD_BYTES, g))
+    return rows
