@@ -19,6 +19,7 @@ from .generate import TRACE_COUNTS, _cached_forward, _split, generate
 from .layers import RMSNorm, acc_dtype
 from .precision import x64_enabled
 from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step
+from .sharding import _constrain, _place_cache
 from .weights import load_arrays
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
@@ -67,6 +68,7 @@ class Mythos(nnx.Module):
         # kept as NumPy, so they are compile-time constants rather than state
         self.rope_dtype = jnp.dtype(dtype) if dtype == jnp.float64 and spec.semantics == "mythos" \
             else jnp.dtype(jnp.float32)
+        self.sharding = None  # sharding.Sharding(mesh, strategy) once sharding.shard placed it on a mesh
 
     def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
                  force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
@@ -126,19 +128,23 @@ class Mythos(nnx.Module):
             cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos[:S]), start_pos, T)
             sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin[:S]), start_pos, T)
         P = len(self.prelude)
-        x = self.embed(ids)  # (B, T, D)
+        # on a mesh the activations stay split on their batch axis (sharding.py; a no-op on one device)
+        x = _constrain(self.sharding, self.embed(ids))  # (B, T, D)
         for i, block in enumerate(self.prelude):
-            x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos, pad=pad)
+            x = _constrain(self.sharding, block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos, pad=pad)[0])
         y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
                                                               cache, start_pos, attn_probs, no_grad_steps, pad)
         for j, block in enumerate(self.coda):
-            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos, pad=pad)
+            y = _constrain(self.sharding, block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos,
+                                                pad=pad)[0])
         y = self.norm(y)
         if self.head is None:
             logits = jnp.einsum("btd,vd->btv", y, self.embed.embedding[...])  # (B, T, V), tied head E^T
         else:
             logits = self.head(y)
         values = None if self.value_head is None else self.value_head(y)[..., 0]  # (B, T)
+        if cache is not None and self.sharding is not None:  # the updated cache placed as init_cache placed it
+            cache = _place_cache(self, cache, jax.lax.with_sharding_constraint)
         return ModelOutput(logits, counts, halted, n_steps, traces, cache, values)
 
     def loop(self, e: jax.Array, cos: jax.Array, sin: jax.Array, N: int, early_exit: bool,
@@ -164,6 +170,7 @@ class Mythos(nnx.Module):
             kw = dict(halting=s.halting, last=t == N - 1, start_pos=start_pos, layer=P + t, attn_probs=attn_probs,
                       value=value, pad=pad)
             state, trace = loop_step(*args, **kw)
+            state = state._replace(h=_constrain(self.sharding, state.h), y=_constrain(self.sharding, state.y))
             trace = Traces(*trace)
             if not isinstance(no_grad_steps, int) or no_grad_steps > 0:
                 # truncated backprop: what the first no_grad_steps steps produce carries no gradient
@@ -212,7 +219,8 @@ class Mythos(nnx.Module):
             max_len: capacity S in positions, 1..spec.max_seq_len (None: max_seq_len).
             n_loops: loop steps N of the calls that use it (None: recurrent.max_loop_iters).
         Returns:
-            KVCache with one entry per attention layer (prelude, N loop steps, coda), in the model dtype.
+            KVCache with one entry per attention layer (prelude, N loop steps, coda), in the model dtype; on a
+            sharded model (sharding.shard) placed on its mesh, split on the batch axis.
         """
         s = self.spec
         S = s.max_seq_len if max_len is None else max_len
@@ -220,7 +228,9 @@ class Mythos(nnx.Module):
             raise ValueError(f"init_cache: batch={batch!r} must be an integer >= 1")
         if isinstance(S, bool) or not isinstance(S, numbers.Integral) or not 1 <= S <= s.max_seq_len:
             raise ValueError(f"init_cache: max_len={max_len!r} must be an integer in 1..max_seq_len={s.max_seq_len}")
-        return init_cache(s, int(batch), int(S), self._check_loops(n_loops), self.embed.embedding.dtype)  # cache.py
+        cache = init_cache(s, int(batch), int(S), self._check_loops(n_loops), self.embed.embedding.dtype)  # cache.py
+        # a sharded model's cache: split on its batch axis over the batch axes (and kv heads under tp)
+        return cache if self.sharding is None else _place_cache(self, cache)
 
     def generate(self, ids: jax.Array, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,

@@ -30,6 +30,7 @@ from spec.training import TrainConfig, lr_factor
 from .losses import total_loss
 from .model import Mythos
 from .moe import MoE, expert_load, update_router_bias
+from .sharding import _place_state
 from .weights import to_nnx, to_torch, torch_path
 
 
@@ -77,6 +78,8 @@ class Trainer:
         self.tx = make_optimizer(cfg)
         self.graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         self.opt_state = self.tx.init(params)
+        if model.sharding is not None:  # a sharded model (shard it first): moments split like their parameters
+            _, self.opt_state = _place_state(model.sharding, model.spec, params, self.opt_state, jax.device_put)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +110,11 @@ def _step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, spec: Spec, 
 
     (loss, (parts, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, parts, _global_norm(grads), load
+    params = optax.apply_updates(params, updates)
+    sharding = nnx.merge(graphdef, params, rest).sharding
+    if sharding is not None:  # on a mesh the new parameters and moments keep the inputs' placement (no recompile)
+        params, opt_state = _place_state(sharding, spec, params, opt_state, jax.lax.with_sharding_constraint)
+    return params, opt_state, loss, parts, _global_norm(grads), load
 
 
 def train_step(tr: Trainer, ids: np.ndarray | jax.Array, targets: np.ndarray | jax.Array,
@@ -177,6 +184,9 @@ def load_optimizer_arrays(tr: Trainer, arrays: dict[str, np.ndarray]) -> None:
     count = jnp.asarray(max(step, 0), dtype=adam.count.dtype)
     clip, (_, decay, sched) = tr.opt_state
     tr.opt_state = (clip, (adam._replace(count=count, mu=mu, nu=nu), decay, sched._replace(count=count)))
+    if tr.model.sharding is not None:  # restored onto a sharded model's mesh, split like the parameters
+        params = nnx.state(tr.model, nnx.Param)
+        _, tr.opt_state = _place_state(tr.model.sharding, tr.model.spec, params, tr.opt_state, jax.device_put)
     tr.step = max(step, 0)
 
 
