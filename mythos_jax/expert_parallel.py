@@ -16,7 +16,7 @@ Compiled (tests/sharded/test_jax_ep.py reads the programs), per loop step: three
 (rows, ids, results), two more in the backward (the cotangents of results and rows) and one all-reduce of
 the local expert-gradient blocks (E / n_expert, ...) over the data axis (the devices that share those
 experts); no all-gather: expert weights never leave their device and their gradients stay split on E.
-(The router's lax.top_k outside this file is another matter: XLA's partitioner all-gathers its logits.)
+Routing runs per row shard too (`route`): XLA's partitioner would gather the router logits for lax.top_k.
 A token count not divisible by the row shards (a decode step at batch 1) is padded with rows sent nowhere.
 
 Capacity C per (source device, destination device) pair: by default C = n * k, every row of a device
@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from .experts import SMALL_ROWS, Experts, _gathered, _tile_sizes, _tiles, expert_tiles
-from .moe import MoE
+from .moe import MoE, route
 
 AXIS = "expert"  # the mesh axis the experts split over
 ROW_AXES = ("data", "expert")  # the mesh axes token rows split over (spec.sharding.batch_axes), when present
@@ -131,6 +131,24 @@ class _AllToAll:
         local = functools.partial(_exchange, capacity=self.capacity(n, k), n_dest=self.mesh.shape[AXIS])
         y = jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=rows, check_vma=False)(*args)
         return y[:N]
+
+    def route(self, logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """moe.route on each row shard (inside a shard_map): the same idx, weights and margin, and no collective.
+
+        Routing is per token, yet XLA's partitioner gathers every row's logits to one lax.top_k per device
+        (an all-gather of (B, T, E) per loop step, measured); per shard, each device ranks its own rows.
+        """
+        *lead, E = logits.shape
+        z = logits.reshape(-1, E)
+        N = z.shape[0]
+        pad = -(-N // self.shards) * self.shards - N  # a decode step at batch 1: rows of zeros, cut off after
+        if pad:
+            z = jnp.pad(z, ((0, pad), (0, 0)))
+        rows = PartitionSpec(self.row_axes)
+        local = functools.partial(route, top_k=top_k)
+        idx, w, margin = jax.shard_map(local, mesh=self.mesh, in_specs=(rows, PartitionSpec()),
+                                       out_specs=(rows, rows, rows), check_vma=False)(z, bias)
+        return idx[:N].reshape(*lead, top_k), w[:N].reshape(*lead, top_k), margin[:N].reshape(lead)
 
     def kept(self, idx: jax.Array) -> jax.Array:
         """(N, k) bool: which (token, slot) rows of a call with idx (N, k) reach their expert (False: dropped)."""

@@ -78,7 +78,8 @@ class MoE(nnx.Module):
         k = self.top_k
         acc = acc_dtype(x.dtype)
         z = jnp.einsum("btd,de->bte", x.astype(acc), self.router.kernel[...].astype(acc))  # router logits in acc dtype
-        idx, w, margin = route(z, self.router_bias[...], k)
+        # under ep, per row shard (expert_parallel: the partitioner would gather the logits for top_k)
+        idx, w, margin = (route if self.dispatch is None else self.dispatch.route)(z, self.router_bias[...], k)
         if force_idx is not None:
             # jax only: -1 rows cannot raise inside the compiled loop, so they mean "not forced"
             free = jnp.any(force_idx < 0, axis=-1, keepdims=True)
