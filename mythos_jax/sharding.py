@@ -12,7 +12,7 @@ still running" and the expert load are global by construction (no code here). Ex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -27,8 +27,6 @@ from spec.schema import SpecError
 from .cache import KVCache
 from .weights import _variable, torch_path
 
-if TYPE_CHECKING:  # model.py imports this file (init_cache places a sharded model's cache)
-    from .model import Mythos
 
 
 def make_mesh(mesh: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -57,7 +55,7 @@ def make_mesh(mesh: dict[str, int], devices: Sequence[jax.Device] | None = None)
     return jax.sharding.Mesh(grid, tuple(mesh))
 
 
-def shard(model: Mythos, mesh: jax.sharding.Mesh, strategy: str | Sequence[str] | None = None) -> Mythos:
+def shard(model: nnx.Module, mesh: jax.sharding.Mesh, strategy: str | Sequence[str] | None = None) -> nnx.Module:
     """Place every variable of `model` on `mesh` by spec.sharding.partition, in place; returns the model.
 
     A linear kernel is the torch weight transposed, so its mesh axes are the manifest's reversed. With
@@ -104,7 +102,7 @@ def shard(model: Mythos, mesh: jax.sharding.Mesh, strategy: str | Sequence[str] 
     return model
 
 
-def shard_batch(model: Mythos, x: jax.Array | np.ndarray) -> jax.Array:
+def shard_batch(model: nnx.Module, x: jax.Array | np.ndarray) -> jax.Array:
     """x (B, ...) placed with its batch axis split over the model's batch axes (spec.sharding.batch_axes).
 
     Raises:
@@ -147,7 +145,7 @@ def _strategy(strategy: str | Sequence[str] | None, sizes: dict[str, int]) -> St
     return parse_strategy(text, sizes)
 
 
-def _require(model: Mythos, who: str) -> Sharding:
+def _require(model: nnx.Module, who: str) -> Sharding:
     sh = getattr(model, "sharding", None)
     if sh is None:
         raise SpecError(f"{who}: the model is not sharded; call mythos_jax.sharding.shard(model, mesh, strategy) first")
@@ -178,7 +176,7 @@ def _named(mesh: jax.sharding.Mesh, axes: Sequence[str | tuple[str, ...] | None]
     return NamedSharding(mesh, PartitionSpec(*axes))
 
 
-def _place_cache(model: Mythos, cache: KVCache,
+def _place_cache(model: nnx.Module, cache: KVCache,
                  put: Callable[[jax.Array, NamedSharding], jax.Array] = jax.device_put) -> KVCache:
     """A sharded model's cache: split on its batch axis over the batch axes, and the GQA keys and values
     (L, B, S, H_kv, K) on their kv heads over `model` under tp. put: jax.device_put (model.init_cache) or

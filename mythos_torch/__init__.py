@@ -22,6 +22,7 @@ from .model import ModelOutput, Mythos, Traces, build, forward
 from .moe import MoE, expert_load, route, update_router_bias
 from .precision import set_parity_precision
 from .recurrent import ACT, HaltMLP, LoRA, LTIInjection, RecurrentBlock, act_step, add_loop_embedding
+from .sharding import Sharding, make_mesh, shard, shard_batch
 from .train import StepResult, Trainer, load_optimizer_arrays, optimizer_arrays, train_step
 from .weights import dump_arrays, load_arrays
 
@@ -40,4 +41,5 @@ __all__ = [
     "cross_entropy", "ponder_cost", "halting_entropy", "consistency", "total_loss",
     "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",
     "set_parity_precision",
+    "make_mesh", "shard", "shard_batch", "Sharding",
 ]

@@ -100,15 +100,16 @@ class GQAttention(nn.Module):
         cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
         B, T, _ = x.shape
         hd = self.head_dim
-        qk = torch.cat([self.wq(x).view(B, T, self.n_heads, hd), self.wk(x).view(B, T, self.n_kv_heads, hd)], dim=2)
-        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=2)  # (B, T, H, K), (B, S, H_kv, K)
-        v = self.wv(x).view(B, T, self.n_kv_heads, hd)
+        # -1 heads: under tensor parallelism (sharding.py) wq/wk/wv give this rank's heads only
+        q, k, v = self.wq(x).view(B, T, -1, hd), self.wk(x).view(B, T, -1, hd), self.wv(x).view(B, T, -1, hd)
+        H, Hkv = q.shape[2], k.shape[2]
+        q, k = apply_rope(torch.cat([q, k], dim=2), cos, sin).split([H, Hkv], dim=2)  # (B, T, H, K), (B, S, H_kv, K)
         if cache is not None:
             k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
         out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad)
-        return self.wo(out.reshape(B, T, self.n_heads * hd)), probs
+        return self.wo(out.reshape(B, T, H * hd)), probs
 
 
 class MLAttention(nn.Module):
@@ -139,9 +140,10 @@ class MLAttention(nn.Module):
 
         cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
         B, T, _ = x.shape
-        H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        nope, rope, vd = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
-        q_nope = self.q_up_nope(c_q).view(B, T, H, nope)
+        q_nope = self.q_up_nope(c_q).view(B, T, -1, nope)  # -1: this rank's heads under tensor parallelism
+        H = q_nope.shape[2]
         q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, rope), cos, sin)
         c_kv, k_r = self.kv_down(x).split([self.kv_lora_rank, rope], dim=-1)  # (B, S, kv_lora_rank), (B, S, rope)
         k_r = apply_rope(k_r.view(B, T, 1, rope), cos, sin)  # (B, S, 1, rope): one rotated key per token
@@ -150,7 +152,8 @@ class MLAttention(nn.Module):
         S = c_kv.shape[1]
         k_nope, v = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, nope + vd).split([nope, vd], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, nope + rope)
-        k = torch.cat([k_nope, k_r.expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
+        # k_r[:, :, :1]: the openmythos-0.5 cache holds the one key per head (copies); tp splits the heads
+        k = torch.cat([k_nope, k_r[:, :, :1].expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
         # (B, T, H, vd); scale as open-mythos
         out, probs = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad)

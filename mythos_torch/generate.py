@@ -3,6 +3,7 @@ then one token per step, sampled on the host by spec.sampling.sample_next (the s
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,9 +13,20 @@ import torch.nn as nn
 from spec.sampling import check_generate, check_stop, finish_step, sample_next
 
 from .cache import KVCache
+from .sharding import any_running
 
 
-@torch.inference_mode()
+def _no_autograd(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn under torch.inference_mode, or torch.no_grad for a sharded model (FSDP2 cannot gather its
+    parameters into inference tensors)."""
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args, **kwargs) -> torch.Tensor:
+        with torch.inference_mode() if model.sharding is None else torch.no_grad():
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@_no_autograd
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, *, on_token: Callable[[np.ndarray], None] | None = None,
@@ -63,7 +75,8 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: 
         new.append(tok)
         if on_token is not None:
             on_token(tok)
-        if len(new) == max_new_tokens or done.all():
+        # sharded: stop once every row of every batch shard is done (the ranks issue the same collectives)
+        if len(new) == max_new_tokens or not any_running(model.sharding, torch.from_numpy(~done)):
             break
         # forward without its checks: the ids are sampled ids (a done row's -1 fill runs as id 0), the
         # positions fit the cache

@@ -19,6 +19,7 @@ from .cache import KVCache, init_cache
 from .generate import generate
 from .layers import RMSNorm, acc_dtype
 from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step
+from .sharding import Sharding, any_running
 from .weights import load_arrays
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -74,6 +75,7 @@ class Mythos(nn.Module):
         # torch.while_loop (recurrent._run_steps) with the same early exit, for torch.export / ONNX and
         # torch.compile (inference; a call with a cache still runs the for loop). Equal results.
         self.loop_form = "for"
+        self.sharding: Sharding | None = None  # sharding.Sharding(mesh, strategy) once sharding.shard split it
 
     def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
                 force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
@@ -166,6 +168,9 @@ class Mythos(nn.Module):
                           halted=false, counts=counts, cache=cache,
                           memory=memory, summaries=None)  # None: step 0 reads only the compressor's null slot
         if self.loop_form == "while" and cache is None:
+            if self.sharding is not None:  # torch.while_loop compiles its body: no FSDP hooks, DTensors, collectives
+                raise ValueError('loop_form="while" (one torch.while_loop, for torch.export / ONNX) does not run on a '
+                                 'sharded model (sharding.shard); use loop_form="for" (the default)')
             return self._loop_while(state, e, rows, cos, sin, N, early_exit, force_halt, force_experts, attn_probs,
                                     no_grad_steps, value, pad)
         steps: list[tuple[torch.Tensor | None, ...]] = []
@@ -182,8 +187,9 @@ class Mythos(nn.Module):
                 else:
                     state, trace = loop_step(*args, **kw)
             steps.append(trace)
-            # with a cache every step runs, so later tokens find cache entries at every depth
-            if early_exit and not bool(state.running.any()):
+            # with a cache every step runs, so later tokens find cache entries at every depth; sharded, every
+            # rank runs until no position of any batch shard is running (the same collectives on every rank)
+            if early_exit and not any_running(self.sharding, state.running):
                 break
         fills = (0, 0, 0, False, -1, float("inf"), 0, 0)
         traces = Traces(*(None if col[0] is None else _stack_steps(list(col), N, fill)
@@ -249,7 +255,13 @@ class Mythos(nn.Module):
         if isinstance(S, bool) or not isinstance(S, numbers.Integral) or not 1 <= S <= s.max_seq_len:
             raise ValueError(f"init_cache: max_len={max_len!r} must be an integer in 1..max_seq_len={s.max_seq_len}")
         w = self.embed.weight
-        return init_cache(s, int(batch), int(S), self._check_loops(n_loops), w.dtype, w.device)  # cache.init_cache
+        cache = init_cache(s, int(batch), int(S), self._check_loops(n_loops), w.dtype, w.device)  # cache.init_cache
+        if self.sharding is not None and "tp" in self.sharding.strategy and s.attention.type == "gqa":
+            # tensor parallel: this rank's kv heads only (sharding.py splits wk, wv on their heads)
+            n = self.sharding.mesh["model"].size()
+            cache = KVCache({k: a[..., :a.shape[3] // n, :].clone() if k in ("k", "v") else a
+                             for k, a in cache.arrays.items()}, cache.n_loops)
+        return cache
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,

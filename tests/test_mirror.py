@@ -57,6 +57,7 @@ PUBLIC = [
     "cross_entropy", "ponder_cost", "halting_entropy", "consistency", "total_loss",  # losses.py
     "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",  # train.py
     "set_parity_precision",  # precision.py
+    "make_mesh", "shard", "shard_batch", "Sharding",  # sharding.py (expert_parallel.py: behind shard)
 ]
 
 
