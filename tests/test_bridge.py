@@ -392,6 +392,9 @@ def test_no_pickle_anywhere():
     root = Path(wb.__file__).parent
     for f in root.glob("*.py"):
         text = f.read_text()
-        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill)\b", text, re.M), f
+        if f.name == "sharded_checkpoints.py":  # DCP's index is a pickle: read only through a find_class allow-list
+            assert "def find_class" in text and not re.search(r"pickle\.(loads?|Unpickler\(.*\)\.load)\(", text), f
+        else:
+            assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill)\b", text, re.M), f
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (f, call)

@@ -66,9 +66,10 @@ def backend_of(model: object) -> str:
     """``"torch"``, ``"jax"`` or ``"onnx"``: which backend built ``model`` (from the module that defines its type)."""
     if type(model).__module__ == MODULES["onnx"]:
         return "onnx"
-    package = type(model).__module__.split(".")[0]
-    if package in tuple(f"mythos_{b}" for b in BACKENDS):
-        return package.removeprefix("mythos_")
+    for cls in type(model).__mro__:  # FSDP2's fully_shard swaps in a subclass of its own (FSDPMythos)
+        package = cls.__module__.split(".")[0]
+        if package in tuple(f"mythos_{b}" for b in BACKENDS):
+            return package.removeprefix("mythos_")
     raise BridgeError(f"{type(model).__module__}.{type(model).__name__} is not a Mythos model from "
                       f"{' or '.join(f'mythos_{b}' for b in BACKENDS)}")
 

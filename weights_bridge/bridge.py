@@ -16,6 +16,7 @@ import numpy as np
 
 import spec as spec_lib
 
+from . import distributed
 from . import openmythos as om
 from .backends import backend_of, check_backend, twin
 from .fileformat import (BridgeError, Progress, check_arrays, check_dtype_name, check_metadata, dtype_name, raise_if,
@@ -26,8 +27,16 @@ if TYPE_CHECKING:
 
 
 def model_state(model: object) -> tuple[spec_lib.Spec, dict[str, np.ndarray], str]:
-    """``(spec, arrays, dtype)`` of a built model: its spec, ``dump_arrays`` and its dtype name."""
-    arrays = twin(backend_of(model)).dump_arrays(model)
+    """``(spec, arrays, dtype)`` of a built model: its spec, ``dump_arrays`` and its dtype name.
+
+    A torch model sharded over ranks (DTensors, expert parallel) gives its whole arrays on every rank:
+    a collective, called by every rank (``distributed.full_arrays``).
+    """
+    backend = backend_of(model)
+    if backend == "torch" and distributed.is_sharded(model):
+        arrays = distributed.full_arrays(model)
+    else:
+        arrays = twin(backend).dump_arrays(model)
     return model.spec, arrays, dtype_name(np.asarray(arrays["embed.weight"]))
 
 
@@ -43,15 +52,23 @@ def build(backend: str, s: spec_lib.Spec, dtype: str, arrays: Mapping[str, np.nd
 def save(model: object, path: str | os.PathLike, *, progress: Progress | None = None) -> Path:
     """Write a torch or JAX Mythos model to one safetensors file (atomic; refuses before writing).
 
+    A torch model sharded over ranks (FSDP2, tensor or expert parallel) is gathered on every rank and written
+    by rank 0 alone: every rank calls ``save`` and gets the path back; the bytes equal the unsharded model's.
+
     Args:
-        model: a model built by ``mythos_torch`` or ``mythos_jax``.
+        model: a model built by ``mythos_torch`` or ``mythos_jax`` (sharded or not).
         path: the target file.
     Returns:
         The path written.
     Raises:
-        BridgeError: the model's tensors do not match its spec's manifest (every problem listed).
+        BridgeError: the model's tensors do not match its spec's manifest (every problem listed); for a
+            sharded torch model on every rank, also when rank 0 could not write.
     """
     s, arrays, dtype = model_state(model)
+    if backend_of(model) == "torch" and distributed.is_sharded(model):
+        raise_if(check_arrays(s, arrays, dtype), f"refusing to write {path}")  # on every rank, before rank 0 writes
+        distributed.on_rank0(lambda: write_file(path, s, arrays, dtype, progress=progress))
+        return Path(path)
     return write_file(path, s, arrays, dtype, progress=progress)
 
 
