@@ -109,7 +109,7 @@ def place(backend: str, model: object, lay: Layout) -> object:
 def local_rows(backend: str, model: object, *arrays: np.ndarray) -> tuple[object, ...]:
     """Each batch array as the twin's sharded model takes it (the twin's sharding.shard_batch): JAX places
     the global batch over the batch axes, a torch rank keeps its own rows."""
-    if getattr(model, "sharding", None) is None:
+    if model.sharding is None:
         return arrays
     sharding = backends.twin(backend).sharding
     return tuple(sharding.shard_batch(model, a) for a in arrays)

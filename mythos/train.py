@@ -290,10 +290,17 @@ def nonfinite_params(backend: str, model) -> list[str]:
     if backend == "torch":
         import torch
 
+        from torch.distributed.tensor import DTensor
+
         named = list(model.named_parameters())
-        with torch.no_grad():
-            ok = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu().numpy()
-        return [n for (n, _), good in zip(named, ok) if not good]
+        with torch.no_grad():  # a sharded model: each rank its pieces, then one verdict for every rank
+            ok = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for _, p in named])
+            if model.sharding is not None:
+                import torch.distributed as dist
+
+                ok = ok.to(torch.int32)
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return [n for (n, _), good in zip(named, ok.bool().cpu().numpy()) if not good]
     ok = _jax_all_finite(model)
     if ok:
         return []
