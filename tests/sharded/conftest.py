@@ -13,9 +13,15 @@ import pytest
 
 N_DEVICES = 8
 FLAG = f"--xla_force_host_platform_device_count={N_DEVICES}"
-# before JAX creates its CPU client (importing jax does not; the first jax.devices() does)
-if FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With -m sharded, 8 fake devices before JAX creates its CPU client (importing jax does not, the first
+    jax.devices() does). Any other run leaves XLA_FLAGS alone: collecting this folder must not turn the
+    default suite's one CPU device into eight."""
+    expr = config.getoption("markexpr") or ""
+    if "sharded" in expr and "not sharded" not in expr and FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
