@@ -89,6 +89,52 @@ def shard_experts(moe: MoE, mesh: jax.sharding.Mesh, capacity_factor: float | No
     moe.dispatch = _AllToAll(mesh, E, None if capacity_factor is None else float(capacity_factor))
 
 
+def shard_rows(moe: MoE, mesh: jax.sharding.Mesh) -> None:
+    """Without ep, on a mesh that splits the batch: route and run the experts per row shard (in place).
+
+    The experts stay where the rule table put them (whole, or split on D under fsdp, which gathers them as
+    FSDP does); each device ranks, sorts and multiplies its own rows. Under GSPMD alone the MoE ran as one
+    global computation: the expert sort all-gathered every id, bincount and the sorted-row gather
+    all-reduced, lax.top_k all-gathered the router logits, every loop step (measured in the compiled HLO).
+    """
+    if not isinstance(moe, MoE):
+        raise ValueError(f"shard_rows needs the MoE FFN (model.recurrent.block.ffn), got {type(moe).__name__}")
+    moe.dispatch = _PerShard(mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerShard:
+    """MoE.dispatch of a batch-split mesh without ep: the values of experts(x, idx), each row shard on its own."""
+    mesh: jax.sharding.Mesh
+
+    @property
+    def row_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in ROW_AXES if a in self.mesh.axis_names)
+
+    @property
+    def shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.row_axes)
+
+    def __call__(self, experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
+        N, k = idx.shape
+        pad = -(-N // self.shards) * self.shards - N  # rows of zeros to whole shards, cut off after
+        if pad:
+            x, idx = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(idx, ((0, pad), (0, 0)))
+        rows, whole = PartitionSpec(self.row_axes), PartitionSpec()
+
+        def local(x: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+            n, k = idx.shape  # (token, slot) rows, each through its expert: Experts' sorted tiles
+            return _local_experts(jnp.repeat(x, k, axis=0), idx.reshape(n * k), gate, up, down).reshape(n, k, -1)
+
+        y = jax.shard_map(local, mesh=self.mesh, in_specs=(rows, rows, whole, whole, whole), out_specs=rows,
+                          check_vma=False)(x, idx, experts.gate[...], experts.up[...], experts.down[...])
+        return y[:N]
+
+    def route(self, logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """moe.route on each row shard (as _AllToAll.route)."""
+        return _route_per_shard(self.mesh, self.row_axes, self.shards, logits, bias, top_k)
+
+
 @dataclasses.dataclass(frozen=True)
 class _AllToAll:
     """MoE.dispatch under ep: (experts, x (N, D), idx (N, k)) -> (N, k, D), the values of experts(x, idx).
@@ -138,17 +184,7 @@ class _AllToAll:
         Routing is per token, yet XLA's partitioner gathers every row's logits to one lax.top_k per device
         (an all-gather of (B, T, E) per loop step, measured); per shard, each device ranks its own rows.
         """
-        *lead, E = logits.shape
-        z = logits.reshape(-1, E)
-        N = z.shape[0]
-        pad = -(-N // self.shards) * self.shards - N  # a decode step at batch 1: rows of zeros, cut off after
-        if pad:
-            z = jnp.pad(z, ((0, pad), (0, 0)))
-        rows = PartitionSpec(self.row_axes)
-        local = functools.partial(route, top_k=top_k)
-        idx, w, margin = jax.shard_map(local, mesh=self.mesh, in_specs=(rows, PartitionSpec()),
-                                       out_specs=(rows, rows, rows), check_vma=False)(z, bias)
-        return idx[:N].reshape(*lead, top_k), w[:N].reshape(*lead, top_k), margin[:N].reshape(lead)
+        return _route_per_shard(self.mesh, self.row_axes, self.shards, logits, bias, top_k)
 
     def kept(self, idx: jax.Array) -> jax.Array:
         """(N, k) bool: which (token, slot) rows of a call with idx (N, k) reach their expert (False: dropped)."""
@@ -166,6 +202,22 @@ class _AllToAll:
     def dropped(self, idx: jax.Array) -> jax.Array:
         """() int32: (token, slot) rows of a call with idx (N, k) that capacity dropped (0 by default)."""
         return jnp.sum(~self.kept(idx), dtype=jnp.int32)
+
+
+def _route_per_shard(mesh: jax.sharding.Mesh, row_axes: tuple[str, ...], shards: int, logits: jax.Array,
+                     bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """moe.route of logits (..., E) with the rows split over row_axes, inside a shard_map: no collective."""
+    *lead, E = logits.shape
+    z = logits.reshape(-1, E)
+    N = z.shape[0]
+    pad = -(-N // shards) * shards - N  # a decode step at batch 1: rows of zeros, cut off after
+    if pad:
+        z = jnp.pad(z, ((0, pad), (0, 0)))
+    rows = PartitionSpec(row_axes)
+    local = functools.partial(route, top_k=top_k)
+    idx, w, margin = jax.shard_map(local, mesh=mesh, in_specs=(rows, PartitionSpec()),
+                                   out_specs=(rows, rows, rows), check_vma=False)(z, bias)
+    return idx[:N].reshape(*lead, top_k), w[:N].reshape(*lead, top_k), margin[:N].reshape(lead)
 
 
 def _slots(expert: jax.Array, valid: jax.Array, local: int, n_dest: int, capacity: int

@@ -88,6 +88,10 @@ def shard(model: nnx.Module, mesh: jax.sharding.Mesh, strategy: str | Sequence[s
         from .expert_parallel import shard_experts  # expert_parallel.py imports moe.py and jax's shard_map
 
         shard_experts(model.recurrent.block.ffn, mesh)
+    elif model.spec.recurrent.ffn == "moe" and batch_axes(sizes, strategy):
+        from .expert_parallel import shard_rows
+
+        shard_rows(model.recurrent.block.ffn, mesh)  # route and multiply per row shard, no global sort
     placed = set()
     for p in manifest(model.spec):
         var = _variable(model, p)

@@ -305,3 +305,19 @@ def test_bad_input_is_named(spec, jax_devices):
     with pytest.raises(ValueError, match="needs the MoE FFN"):
         shard_experts(model.recurrent.block.attn, jax.sharding.Mesh(grid[:4], ("expert",)))
     assert moe.dispatch is None  # nothing was changed by the refused calls
+
+
+def test_a_data_parallel_moe_forward_holds_no_collective(spec, jax_devices):
+    """dp without ep: every MoE call routes and multiplies its own rows (shard_rows), so the compiled scan
+    forward holds no collective at all (GSPMD alone gathered ids and router logits at every loop step)."""
+    model = mj.build(spec, seed=0, dtype="float64")
+    ref = mj.build(spec, seed=0, dtype="float64")
+    mj.shard(model, mj.make_mesh({"data": 8}, jax_devices), "dp")
+    assert type(model.recurrent.block.ffn.dispatch).__name__ == "_PerShard"
+    ids = np.random.default_rng(5).integers(0, spec.vocab_size, (8, 6))
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, 4, early_exit=False).logits)
+    compiled = f.lower(state, mj.shard_batch(model, ids)).compile()
+    assert rel(compiled(state, mj.shard_batch(model, ids)), mj.forward(ref, ids, 4, early_exit=False).logits) <= 1e-12
+    found = collectives(compiled.as_text())
+    assert all(not lines for lines in found.values()), {op: len(lines) for op, lines in found.items()}

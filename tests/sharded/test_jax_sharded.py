@@ -307,11 +307,15 @@ def test_shard_places_every_tensor_by_the_rule_table(weights):
             got = _variable(model, p).get_value().sharding
             want = jax.sharding.NamedSharding(model.sharding.mesh, jax.sharding.PartitionSpec(*axes))
             assert got.is_equivalent_to(want, len(p.shape)), (name, p.path, got.spec, axes)
-        if "ep" in model.sharding.strategy:
-            assert model.recurrent.block.ffn.dispatch is not None
+        dispatch = type(model.recurrent.block.ffn.dispatch).__name__
+        if "ep" in model.sharding.strategy:  # tokens travel to their experts
+            assert dispatch == "_AllToAll"
             assert model.recurrent.block.ffn.experts.gate.get_value().sharding.spec[0] == "expert"
+        elif SS.batch_axes(SS.parse_mesh(",".join(f"{a}={n}" for a, n in model.sharding.mesh.shape.items())),
+                           model.sharding.strategy):
+            assert dispatch == "_PerShard"  # a split batch routes and multiplies per row shard
         else:
-            assert model.recurrent.block.ffn.dispatch is None
+            assert dispatch == "NoneType"
     assert _reference("float64").sharding is None
 
 
