@@ -109,11 +109,11 @@ class _PerShard:
 
     @property
     def row_axes(self) -> tuple[str, ...]:
-        return tuple(a for a in ROW_AXES if a in self.mesh.axis_names)
+        return _row_axes(self.mesh)
 
     @property
     def shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.row_axes)
+        return _shards(self.mesh)
 
     def __call__(self, experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
         N, k = idx.shape
@@ -147,12 +147,11 @@ class _AllToAll:
 
     @property
     def row_axes(self) -> tuple[str, ...]:
-        return tuple(a for a in ROW_AXES if a in self.mesh.axis_names)
+        return _row_axes(self.mesh)
 
     @property
     def shards(self) -> int:
-        """Row shards: the product of the row axes' sizes."""
-        return math.prod(self.mesh.shape[a] for a in self.row_axes)
+        return _shards(self.mesh)
 
     def capacity(self, rows: int, k: int) -> int:
         """C, the (token, slot) rows one device may send to one device, for `rows` local tokens of k slots."""
@@ -202,6 +201,16 @@ class _AllToAll:
     def dropped(self, idx: jax.Array) -> jax.Array:
         """() int32: (token, slot) rows of a call with idx (N, k) that capacity dropped (0 by default)."""
         return jnp.sum(~self.kept(idx), dtype=jnp.int32)
+
+
+def _row_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The mesh axes token rows split over (ROW_AXES present in the mesh)."""
+    return tuple(a for a in ROW_AXES if a in mesh.axis_names)
+
+
+def _shards(mesh: jax.sharding.Mesh) -> int:
+    """Row shards: the product of the row axes' sizes."""
+    return math.prod(mesh.shape[a] for a in _row_axes(mesh))
 
 
 def _route_per_shard(mesh: jax.sharding.Mesh, row_axes: tuple[str, ...], shards: int, logits: jax.Array,

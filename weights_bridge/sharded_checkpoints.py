@@ -521,18 +521,25 @@ def _open_dcp(path: str | os.PathLike, s: spec_lib.Spec | None = None
 def _dcp_arrays(path: Path, s: spec_lib.Spec, dtype: str) -> dict[str, np.ndarray]:
     """Every manifest tensor of a checked DCP checkpoint, whole, as NumPy (torch layout); no process group."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
     sd = {p.path: torch.empty(p.shape, dtype=getattr(torch, expected_dtype(p.path, dtype)))
           for p in spec_lib.manifest(s)}
+    _dcp_load(sd, path, no_dist=True)
+    return {name: to_numpy(t) for name, t in sd.items()}
+
+
+def _dcp_load(sd: dict, path: Path, *, no_dist: bool) -> None:
+    """dcp.load of a checked DCP directory into sd (in place), or BridgeError naming it (a truncated or missing
+    data file)."""
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
-            dcp.load(sd, storage_reader=_dcp_reader(path), no_dist=True)
+            dcp.load(sd, storage_reader=_dcp_reader(path), no_dist=no_dist)
         except Exception as e:  # noqa: BLE001 - a truncated or missing data file
             raise BridgeError(f"{path}: cannot read the DCP checkpoint's tensors: {type(e).__name__}: "
                               f"{str(e)[:300]}") from None
-    return {name: to_numpy(t) for name, t in sd.items()}
 
 
 def _is_dcp(path: Path) -> bool:
@@ -668,7 +675,6 @@ def restore_dcp(model: object, directory: str | os.PathLike) -> object:
     Raises:
         BridgeError: the checkpoint's spec or dtype is not the model's, or it does not match its spec.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     if backend_of(model) != "torch":
@@ -681,14 +687,7 @@ def restore_dcp(model: object, directory: str | os.PathLike) -> object:
 
     own = get_model_state_dict(model)
     sd = _model_state_dict(model)
-    no_dist = distributed.world()[1] == 1
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        try:
-            dcp.load(sd, storage_reader=_dcp_reader(path), no_dist=no_dist)
-        except Exception as e:  # noqa: BLE001 - a truncated or missing data file
-            raise BridgeError(f"{path}: cannot read the DCP checkpoint's tensors: {type(e).__name__}: "
-                              f"{str(e)[:300]}") from None
+    _dcp_load(sd, path, no_dist=distributed.world()[1] == 1)
     for key in EXPERTS if _ep(model) else ():  # the whole-stack view back to this rank's piece, as it was
         local, t = sd[key].to_local(), own[key]
         sd[key] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
