@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from spec import Spec, init_arrays, loop_table, rope_table
+from spec import Spec, cache_shapes, init_arrays, loop_table, rope_table
 
 from .block import make_block
 from .cache import KVCache, init_cache
@@ -255,13 +255,15 @@ class Mythos(nn.Module):
         if isinstance(S, bool) or not isinstance(S, numbers.Integral) or not 1 <= S <= s.max_seq_len:
             raise ValueError(f"init_cache: max_len={max_len!r} must be an integer in 1..max_seq_len={s.max_seq_len}")
         w = self.embed.weight
-        cache = init_cache(s, int(batch), int(S), self._check_loops(n_loops), w.dtype, w.device)  # cache.init_cache
+        N = self._check_loops(n_loops)
         if self.sharding is not None and "tp" in self.sharding.strategy and s.attention.type == "gqa":
-            # tensor parallel: this rank's kv heads only (sharding.py splits wk, wv on their heads)
+            # tensor parallel: this rank's kv heads only (sharding.py splits wk, wv on their heads), allocated
+            # as such (a whole cache first would cost the memory tp saves)
             n = self.sharding.mesh["model"].size()
-            cache = KVCache({k: a[..., :a.shape[3] // n, :].clone() if k in ("k", "v") else a
-                             for k, a in cache.arrays.items()}, cache.n_loops)
-        return cache
+            shapes = {k: (*sh[:3], sh[3] // n, *sh[4:]) if k in ("k", "v") else sh
+                      for k, sh in cache_shapes(s, int(batch), int(S), N).items()}
+            return KVCache({k: torch.zeros(sh, dtype=w.dtype, device=w.device) for k, sh in shapes.items()}, N)
+        return init_cache(s, int(batch), int(S), N, w.dtype, w.device)  # cache.init_cache
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
