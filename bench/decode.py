@@ -3,6 +3,7 @@
     python bench/decode.py                      # bench-s-gqa dims, 64-token prompt, batch 1 and 8
     python bench/decode.py --new-tokens 16 --repeats 3 --batch 1
     python bench/decode.py --torch-compile      # also the torch twin with torch.compile'd decode steps
+    python bench/decode.py --halted-kv-sweep    # decode.halted_kv: tokens/s against the loop steps run
 
 One process, one set of weights: open-mythos 0.5.0's model is built with the bench-s-gqa dims
 (seeded torch init) and imported into both twins with weights_bridge.from_open_mythos. Every model
@@ -135,6 +136,91 @@ def onnx_decoder(model, ids: np.ndarray, new: int) -> Callable[[], tuple[float, 
     return run
 
 
+def halt_bias(k: int, N: int) -> float:
+    """The halting bias at which every token halts after exactly k steps (the halting weight zeroed, so
+    p = sigmoid(bias) everywhere, threshold 0.99): p between 0.99 / k and 0.99 / (k - 1); k = N never halts."""
+    if k >= N:
+        return C.NEVER_HALT_BIAS
+    p = 0.995 if k == 1 else (0.99 / k * 0.99 / (k - 1)) ** 0.5  # the geometric middle of that interval
+    return float(np.log(p / (1 - p)))
+
+
+def halted_kv_sweep(args: argparse.Namespace) -> None:
+    """decode.halted_kv=compute against freeze: decode tokens/s against the mean loop count run, both twins.
+
+    One model (--sweep-preset, seed 0, float32, mythos semantics) per twin and mode, its halting weight zeroed
+    and its bias set before each run so every token halts after k = 1..N steps (halt_bias). Batch 1,
+    --prompt-tokens prompt, --new-tokens per run, --repeats rounds interleaved over (k, twin, mode); medians.
+    Then a least-squares line per twin and mode: ms per token = a + b * mean loop steps.
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import mythos_jax as mj
+    import mythos_torch as mt
+    import spec as spec_lib
+
+    C.setup_torch(args.threads)
+    N, new = N_LOOPS, args.new_tokens
+    ids = C.make_ids(spec_lib.preset(args.sweep_preset).vocab_size, 1, args.prompt_tokens)
+    ks = list(range(1, N + 1))
+    models: dict[tuple[str, str], object] = {}
+    for mode in ("compute", "freeze"):
+        s = spec_lib.preset(args.sweep_preset, {"decode.halted_kv": mode})
+        w = spec_lib.init_arrays(s, 0)
+        w["recurrent.act.halt.weight"] = np.zeros_like(w["recurrent.act.halt.weight"])
+        for twin, lib in (("torch", mt), ("jax", mj)):
+            models[twin, mode] = lib.build(s, 0, "float32", weights=w)
+
+    def set_bias(twin: str, mode: str, k: int) -> None:
+        """p = sigmoid(bias) at every position: every token halts after k steps."""
+        halt = models[twin, mode].recurrent.act.halt
+        if twin == "torch":
+            with torch.no_grad():
+                halt.bias.fill_(halt_bias(k, N))
+        else:
+            halt.bias[...] = jnp.full_like(halt.bias[...], halt_bias(k, N))
+
+    runs = {(twin, mode, k): twin_decoder(models[twin, mode], ids, new, twin)
+            for k in ks for twin in ("torch", "jax") for mode in ("compute", "freeze")}
+    steps: dict[tuple[str, str, int], float] = {}
+    times: dict[tuple[str, str, int], list[float]] = {key: [] for key in runs}
+    for key, run in runs.items():  # warmup (jax compiles once per mode), and the loop counts actually run
+        set_bias(*key)
+        run()
+        twin, mode, k = key
+        m = models[key[:2]]
+        with torch.inference_mode():
+            if twin == "torch":
+                seq = m.generate(torch.from_numpy(ids), new, n_loops=N)
+                counts = m(seq, N).loop_counts.numpy()
+            else:
+                counts = np.asarray(mj.forward(m, m.generate(ids, new, n_loops=N), N).loop_counts)
+        steps[key] = float(counts[:, ids.shape[1]:].mean())  # the decoded tokens' loop counts
+    print(f"warmed up {len(runs)} decoders", file=sys.stderr, flush=True)
+    for r in range(args.repeats):
+        for key, run in runs.items():
+            set_bias(*key)
+            times[key].append(run()[1] / (new - 1))
+        print(f"round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+    rows = ["| twin | halted_kv | mean loop steps | decode tokens/s | ms per token |", "|---|---|---:|---:|---:|"]
+    fits = ["| twin | halted_kv | a (ms) | b (ms per step) | time at 1 step / at N steps |", "|---|---|---:|---:|---:|"]
+    for twin in ("torch", "jax"):
+        for mode in ("compute", "freeze"):
+            x = np.array([steps[twin, mode, k] for k in ks])
+            y = np.array([1e3 * statistics.median(times[twin, mode, k]) for k in ks])
+            for xi, yi in zip(x, y):
+                rows.append(f"| {twin} | {mode} | {xi:.2f} | {1e3 / yi:,.0f} | {yi:.2f} |")
+            b, a = np.polyfit(x, y, 1)
+            fits.append(f"| {twin} | {mode} | {a:.2f} | {b:.3f} | {(a + b) / (a + b * N):.2f} |")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{args.sweep_preset}, batch 1, prompt {args.prompt_tokens}, {new} new tokens, N = {N}, medians of "
+          f"{args.repeats} interleaved rounds; torch {torch.__version__} ({torch.get_num_threads()} thread), "
+          f"jax {jax.__version__}; load average {load}")
+    print("\n".join(rows + [""] + ["Fit: ms per token = a + b * mean loop steps", ""] + fits))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
@@ -144,12 +230,18 @@ def main() -> None:
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time the torch twin with torch.compile'd decode steps (compiles for minutes)")
     ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime's decode-step graph")
+    ap.add_argument("--halted-kv-sweep", action="store_true",
+                    help="only the decode.halted_kv sweep: tokens/s against the mean loop steps, compute vs freeze")
+    ap.add_argument("--sweep-preset", default="bench-s-gqa", help="the sweep's preset (default bench-s-gqa)")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="the sweep's prompt length (default 16)")
     ap.add_argument("--out", type=Path, default=None,
                     help="write the results as markdown here (e.g. docs/decode-benchmarks.md)")
     args = ap.parse_args()
     new = args.new_tokens
     if new < 2:
         ap.error("--new-tokens must be >= 2 (the first token comes from the prefill)")
+    if args.halted_kv_sweep:
+        return halted_kv_sweep(args)
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

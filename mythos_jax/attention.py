@@ -62,6 +62,27 @@ def _weighted_values(p: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(B, T, H, -1)  # (B, T, H, K_v)
 
 
+class FrozenRows:
+    """decode.halted_kv=freeze (docs/semantics.md "Halted tokens at deeper loop steps"): the looped attention's
+    rows (B, T, ...) of positions that do not run at this step are the carried rows of the last step they ran.
+
+    keep (B, T) bool: not running before this step (None: every row computed); rows: the carried rows
+    (GQA: k after RoPE, v; MLA: c_kv, k_r), and after `select` this step's rows, which the loop carries on.
+    """
+
+    def __init__(self, keep: jax.Array | None, rows: tuple[jax.Array, ...] | None):
+        self.keep = keep
+        self.rows = rows
+
+    def select(self, *rows: jax.Array) -> tuple[jax.Array, ...]:
+        """rows (B, T, ...) as computed -> where(keep, carried, computed), also kept as self.rows."""
+        if self.keep is not None:
+            rows = tuple(jnp.where(self.keep.reshape(*self.keep.shape, *(1,) * (r.ndim - 2)), old, r)
+                         for old, r in zip(self.rows, rows))
+        self.rows = rows
+        return rows
+
+
 class GQAttention(nnx.Module):
     """Grouped-query attention: query head j reads key/value head j // (H / H_kv)."""
 
@@ -77,16 +98,20 @@ class GQAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
                  layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, attn_probs: bool = False,
-                 pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                 pad: jax.Array | None = None, frozen: FrozenRows | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         """x (B, T, D) -> (out (B, T, D), attention probabilities (B, H, T, S) in acc dtype if attn_probs else None).
 
-        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention);
+        frozen: the looped block under decode.halted_kv=freeze (FrozenRows picks k, v per position)."""
         B, T, _ = x.shape
         hd = self.head_dim
         qk = jnp.concatenate([self.wq(x).reshape(B, T, self.n_heads, hd),
                               self.wk(x).reshape(B, T, self.n_kv_heads, hd)], axis=2)
         q, k = jnp.split(apply_rope(qk, cos, sin), [self.n_heads], axis=2)  # (B, T, H, K), (B, S, H_kv, K)
         v = self.wv(x).reshape(B, T, self.n_kv_heads, hd)
+        if frozen is not None:
+            k, v = frozen.select(k, v)
         if cache is not None:
             k, v = cache.write(layer, start_pos, k=k, v=v)  # all S positions of the cache
         q_start = None if cache is None else start_pos
@@ -121,10 +146,12 @@ class MLAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
                  layer: int | jax.Array = 0, start_pos: int | jax.Array = 0, attn_probs: bool = False,
-                 pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                 pad: jax.Array | None = None, frozen: FrozenRows | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         """x (B, T, D) -> (out (B, T, D), attention probabilities (B, H, T, S) in acc dtype if attn_probs else None).
 
-        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention);
+        frozen: the looped block under decode.halted_kv=freeze (FrozenRows picks c_kv, k_r per position)."""
         B, T, _ = x.shape
         H, nope, rope, vd = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -132,6 +159,8 @@ class MLAttention(nnx.Module):
         q_rope = apply_rope(self.q_up_rope(c_q).reshape(B, T, H, rope), cos, sin)
         c_kv, k_r = jnp.split(self.kv_down(x), [self.kv_lora_rank], axis=-1)  # (B, S, kv_lora_rank), (B, S, rope)
         k_r = apply_rope(k_r.reshape(B, T, 1, rope), cos, sin)  # (B, S, 1, rope): one rotated key per token
+        if frozen is not None:
+            c_kv, k_r = frozen.select(c_kv, k_r)
         if cache is not None:
             c_kv, k_r = cache.write(layer, start_pos, c_kv=c_kv, k_r=k_r)  # all S positions of the cache
         S = c_kv.shape[1]

@@ -8,7 +8,7 @@ from flax import nnx
 
 from spec import Spec
 
-from .attention import GQAttention, MLAttention
+from .attention import FrozenRows, GQAttention, MLAttention
 from .cache import KVCache
 from .layers import RMSNorm, SwiGLU
 from .moe import MoE, Route
@@ -26,15 +26,16 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, force_idx: jax.Array | None = None,
                  *, cache: KVCache | None = None, layer: int | jax.Array = 0, start_pos: int | jax.Array = 0,
-                 attn_probs: bool = False, pad: jax.Array | None = None
+                 attn_probs: bool = False, pad: jax.Array | None = None, frozen: FrozenRows | None = None
                  ) -> tuple[jax.Array, Route | None, jax.Array | None]:
         """x (B, T, D) -> (x, route (None for a dense FFN), attention probabilities (B, H, T, S) or None).
 
         attn_probs: return the attention probabilities in acc dtype; force_idx (B, T, k) goes to the MoE;
-        pad (B,): each row's left padding, for the attention (None: none).
+        pad (B,): each row's left padding, for the attention (None: none); frozen: the looped block under
+        decode.halted_kv=freeze, for the attention (attention.FrozenRows).
         """
         a, probs = self.attn(self.attn_norm(x), cos, sin, cache=cache, layer=layer, start_pos=start_pos,
-                             attn_probs=attn_probs, pad=pad)
+                             attn_probs=attn_probs, pad=pad, frozen=frozen)
         x = x + a
         f, route = self.ffn(self.ffn_norm(x), force_idx)
         return x + f, route, probs

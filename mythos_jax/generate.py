@@ -27,7 +27,8 @@ def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: in
         model: a Mythos model.
         ids: (B, T) prompt token ids.
         max_new_tokens: tokens to add; T + max_new_tokens must not exceed spec.max_seq_len.
-        n_loops: loop steps N of every call (all of them run); None -> recurrent.max_loop_iters.
+        n_loops: loop steps N of every call; None -> recurrent.max_loop_iters. Under decode.halted_kv=compute
+            every call runs all N; under freeze a call stops once none of its tokens is running.
         temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
         top_k, top_p: sampling filters (None: off).
         seed: seed of numpy.random.default_rng, one uniform per row per step.
@@ -93,13 +94,14 @@ class _Static:
         return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 9), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 5, 9, 10), donate_argnums=(2,))
 def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, ids: jax.Array, start_pos: jax.Array,
                     n_loops: int, force_halt: jax.Array | None, force_experts: jax.Array | None,
-                    pad: jax.Array | None, attn_probs: bool = False) -> tuple:
+                    pad: jax.Array | None, attn_probs: bool = False, early_exit: bool = True) -> tuple:
     """The forward with a cache, compiled once per shapes and n_loops: start_pos is traced, so one
     program serves every position (generate's hot path, and forward(..., cache=...)); -> a ModelOutput.
-    pad (B,): left padding (None: none, a program without a padding mask).
+    pad (B,): left padding (None: none, a program without a padding mask). early_exit: under
+    decode.halted_kv=freeze the call stops once no position runs (generate's steps); ignored under compute.
 
     A pure function of the model's state leaves (static: graphdef and state treedef), so no nnx.jit
     graph walk per token; the cache buffers are donated, so XLA updates them in place.
@@ -107,7 +109,7 @@ def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, id
     TRACE_COUNTS["cached_forward"] += 1
     graphdef, treedef = static.value
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return model._forward(ids, n_loops, False, force_halt, force_experts, cache, start_pos, attn_probs, pad=pad)
+    return model._forward(ids, n_loops, early_exit, force_halt, force_experts, cache, start_pos, attn_probs, pad=pad)
 
 
 def _split(model: nnx.Module) -> tuple[_Static, list[jax.Array]]:

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spec import Spec, init_arrays, loop_table, rope_table
+from spec import Spec, cache_shapes, init_arrays, loop_table, rope_table
 
 from .block import make_block
 from .cache import KVCache, init_cache
 from .generate import TRACE_COUNTS, _cached_forward, _split, generate
 from .layers import RMSNorm, acc_dtype
 from .precision import x64_enabled
-from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step
+from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step, write_frozen
 from .sharding import _constrain, _place_cache
 from .weights import load_arrays
 
@@ -79,11 +79,13 @@ class Mythos(nnx.Module):
         Args:
             ids: (B, T) integer token ids, T <= spec.max_seq_len.
             n_loops: loop steps N (>= 1); None -> spec.recurrent.max_loop_iters.
-            early_exit: stop once no position is running (the result equals running all N steps).
+            early_exit: stop once no position is running (the result equals running all N steps). With a
+                cache: honoured under decode.halted_kv=freeze (the deeper cache layers get the frozen rows),
+                ignored under compute (every step runs).
             force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold, -1: not forced.
             force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
             cache: a KVCache from init_cache(B, ..., N): ids sit at absolute positions start_pos..start_pos+T-1
-                and see the cached positions before them; every loop step runs (early_exit is ignored).
+                and see the cached positions before them; under decode.halted_kv=compute every loop step runs.
             start_pos: absolute position of ids[:, 0] (only with a cache); may be traced.
             attn_probs: also return the looped block's attention probabilities per step (traces.attn_probs).
             no_grad_steps: the first no_grad_steps loop steps (0..N) run without gradient (truncated backprop);
@@ -104,13 +106,14 @@ class Mythos(nnx.Module):
         start_pos = self._check_cache(cache, start_pos, N, B, T)
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
         pad = self._check_mask(attention_mask, cache, start_pos, B, T)
-        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos,
-                             bool(attn_probs), no_grad_steps, pad)
+        return self._forward(ids, N, early_exit, force_halt, force_experts, cache, start_pos, bool(attn_probs),
+                             no_grad_steps, pad)
 
     def _forward(self, ids: jax.Array, N: int, early_exit: bool, force_halt: jax.Array | None,
                  force_experts: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array,
                  attn_probs: bool = False, no_grad_steps: int = 0, pad: jax.Array | None = None) -> ModelOutput:
-        """__call__ after its checks; pad (B,) or None: no padding."""
+        """__call__ after its checks; pad (B,) or None: no padding. early_exit with a cache: honoured under
+        decode.halted_kv=freeze, ignored under compute."""
         T = ids.shape[1]
         # absolute positions start_pos..start_pos+T-1 (with a cache start_pos may be traced: a dynamic slice)
         cos, sin = _rope(self.spec, self.rope_dtype.name)
@@ -154,10 +157,15 @@ class Mythos(nnx.Module):
         """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache.
 
         pad (B,): left padding; pads start not running (weight 0, loop count 0), so they never keep the loop alive.
+        decode.halted_kv=freeze: positions not running keep their state and attention rows (docs/semantics.md
+        "Halted tokens at deeper loop steps"); with a cache the call may then stop early, the skipped steps'
+        cache layers get the frozen rows. Under compute a call with a cache runs every step.
         """
         s, rec = self.spec, self.recurrent
         B, T, _ = e.shape
         act = acc_dtype(e.dtype)
+        halted_frozen = s.decode.halted_kv == "freeze"
+        early_exit = early_exit and (cache is None or halted_frozen)
         # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
         table = loop_table(s, N, e.dtype.name)
         rows = jnp.asarray(np.pad(table, ((0, 0), (0, s.dim - table.shape[-1]))).astype(e.dtype))  # (N, D): zero past L
@@ -168,7 +176,7 @@ class Mythos(nnx.Module):
             fx = None if force_experts is None else force_experts[t]
             args = (rec, state, t, e, rows[t], cos, sin, fx, force_halt)
             kw = dict(halting=s.halting, last=t == N - 1, start_pos=start_pos, layer=P + t, attn_probs=attn_probs,
-                      value=value, pad=pad)
+                      value=value, pad=pad, freeze=halted_frozen)
             state, trace = loop_step(*args, **kw)
             state = state._replace(h=_constrain(self.sharding, state.h), y=_constrain(self.sharding, state.y))
             trace = Traces(*trace)
@@ -197,9 +205,13 @@ class Mythos(nnx.Module):
         if pad is not None:  # pads (slot < pad) never run: loop count 0
             running = (start_pos + jnp.arange(T, dtype=jnp.int32))[None, :] >= pad[:, None]
             counts = jnp.where(running, counts, 0)
+        # freeze: the carried attention rows ride in the carry from step 0 (zeros, replaced at step 0)
+        kv_rows = None
+        if halted_frozen:
+            kv_rows = tuple(jnp.zeros(cache_shapes(s, B, T, N)[n][1:], e.dtype) for n in _row_names(s))
         state = LoopState(e, jnp.zeros_like(e), jnp.zeros((B, T), dtype=act), running,
                           jnp.zeros((B, T), dtype=jnp.bool_), counts, cache, memory,
-                          summaries)
+                          summaries, kv_rows)
         k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
         S = T if cache is None else cache.capacity
         fills = Traces(jnp.zeros((B, T), dtype=e.dtype), jnp.zeros((B, T), dtype=act), jnp.zeros((B, T), dtype=act),
@@ -207,9 +219,14 @@ class Mythos(nnx.Module):
                        jnp.full((B, T), jnp.inf, dtype=act),
                        None if self.value_head is None else jnp.zeros((B, T), dtype=e.dtype),
                        jnp.zeros((B, s.attention.n_heads, T, S), dtype=act) if attn_probs else None)
-        # with a cache every step runs (a scan), so later tokens find cache entries at every depth
-        state, traces, n_steps = _run_steps(step, state, fills, N, early_exit)
-        return state.y, state.counts, state.halted, n_steps, traces, state.cache
+        # under compute with a cache every step runs (a scan), so later tokens find cache entries at every depth
+        state, traces, n_steps = _run_steps(step, state, fills, N, early_exit, first=cache is not None)
+        cache = state.cache
+        if halted_frozen and cache is not None:  # the skipped steps' layers n_steps..N-1: the frozen rows
+            def skipped(t: jax.Array, cache: KVCache) -> KVCache:
+                return write_frozen(rec, cache, state.h, state.rows, _row_names(s), t, layer=P + t, start_pos=start_pos)
+            cache = jax.lax.fori_loop(n_steps, N, skipped, cache)
+        return state.y, state.counts, state.halted, n_steps, traces, cache
 
     def init_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
         """An empty (zero) KVCache for `batch` sequences of up to max_len positions and n_loops loop steps.
@@ -381,6 +398,11 @@ def _check_no_grad_steps(k: int | jax.Array, N: int) -> int | jax.Array:
     return int(k)
 
 
+def _row_names(spec: Spec) -> tuple[str, str]:
+    """The looped attention's per-token cache rows (decode.halted_kv=freeze carries them): GQA k, v; MLA c_kv, k_r."""
+    return ("k", "v") if spec.attention.type == "gqa" else ("c_kv", "k_r")
+
+
 @functools.lru_cache(maxsize=None)
 def _rope(spec: Spec, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """spec.rope_table (max_seq_len, K/2) cast to the rotation dtype, computed once per spec."""
@@ -426,7 +448,9 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
 
     n_loops, early_exit, attn_probs and no_grad_steps are static (nnx.jit compiles one program per value).
     early_exit=True runs a lax.while_loop that stops once no position is running, False a lax.scan over
-    all N steps (differentiable); the outputs are identical. With a cache, start_pos is traced (one compiled
+    all N steps (differentiable); the outputs are identical. With a cache it is honoured under
+    decode.halted_kv=freeze (a while_loop, then the skipped layers get the frozen rows) and ignored under
+    compute (a scan over every step). With a cache, start_pos is traced (one compiled
     program serves every position) and the cache passed in is consumed (its buffers are donated and
     updated in place): use out.cache. attention_mask (left padding) is checked here; an unpadded one
     (all ones) runs the program without a mask.
@@ -442,5 +466,8 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
         mask = None if pad is None else jnp.asarray(attention_mask).astype(jnp.int32)
         return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(attn_probs), no_grad_steps, mask)
     args = (*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts, pad)
-    # attn_probs only when asked: generate omits it, and both calls must hit one compiled program
+    # attn_probs and early_exit only when not the defaults: generate omits them, and both calls must hit one
+    # compiled program (early_exit matters only under decode.halted_kv=freeze)
+    if not early_exit and model.spec.decode.halted_kv == "freeze":
+        return _cached_forward(*args, bool(attn_probs), False)
     return _cached_forward(*args, True) if attn_probs else _cached_forward(*args)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from spec import HaltingSpec, Spec
 
+from .attention import FrozenRows
 from .block import Block
 from .cache import KVCache
 from .components import ContextCompressor, CrossLoopAttention, MemoryGate
@@ -115,6 +116,9 @@ class LoopState(NamedTuple):
     cache: KVCache | None  # rides in the carry: step t writes its layer P + t
     memory: tuple[jax.Array, jax.Array] | None  # cross-loop keys, values (N + 1, B, T, H, K); entry 0 = e
     summaries: jax.Array | None  # compressor summaries of the previous step (B, J, m, D), no cache
+    # decode.halted_kv=freeze: the current tokens' looped-attention rows of the last step each ran (GQA: k after
+    # RoPE, v, (B, T, H_kv, K); MLA: c_kv (B, T, R), k_r (B, T, 1, rope)); None under compute, zeros before step 0
+    rows: tuple[jax.Array, jax.Array] | None = None
 
 
 class RecurrentBlock(nnx.Module):
@@ -138,14 +142,15 @@ class RecurrentBlock(nnx.Module):
                  sin: jax.Array, force_idx: jax.Array | None = None, *, cache: KVCache | None = None,
                  layer: int | jax.Array = 0, start_pos: int | jax.Array = 0,
                  memory: tuple[jax.Array, jax.Array, jax.Array] | None = None, summaries: jax.Array | None = None,
-                 attn_probs: bool = False, pad: jax.Array | None = None) -> StepOut:
+                 attn_probs: bool = False, pad: jax.Array | None = None, frozen: FrozenRows | None = None) -> StepOut:
         """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), route, memory entry, summaries, attn_probs).
 
         memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries:
         the compressor's summaries of step t-1 (B, J, m, D), all masked at step 0. With a cache, the
         block's attention writes and reads cache layer `layer` (P + t), and the compressor reads and
         writes its cache rows. pad (B,): each row's left padding, for the block's attention (None: none;
-        the compressor refuses it).
+        the compressor refuses it). frozen (decode.halted_kv=freeze): positions frozen.keep keep h and
+        their carried attention rows.
         """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         x = add_loop_embedding(h, row)  # h~
@@ -160,13 +165,15 @@ class RecurrentBlock(nnx.Module):
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
-                                     attn_probs=attn_probs, pad=pad)
+                                     attn_probs=attn_probs, pad=pad, frozen=frozen)
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
             h_new = self.injection(h, e, o)
         else:
             h_new = self.memory_gate(h, e, o, self.injection.decay(), self.injection.B[...])
+        if frozen is not None and frozen.keep is not None:  # a frozen position keeps its state
+            h_new = jnp.where(frozen.keep[..., None], h, h_new)
         entry = None if self.cross_loop is None else self.cross_loop.entry(h_new)
         new_summaries = None
         if self.compressor is not None:
@@ -183,13 +190,20 @@ class RecurrentBlock(nnx.Module):
 def loop_step(rec: RecurrentBlock, state: LoopState, t: jax.Array, e: jax.Array, row: jax.Array, cos: jax.Array,
               sin: jax.Array, force_idx: jax.Array | None, force_halt: jax.Array | None, *,
               halting: HaltingSpec, last: bool | jax.Array, start_pos: int | jax.Array, layer: int | jax.Array,
-              attn_probs: bool, value: Callable[[jax.Array], jax.Array] | None, pad: jax.Array | None = None
-              ) -> tuple[LoopState, tuple[jax.Array | None, ...]]:
-    """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order)."""
-    h, y, c, running, halted, counts, cache, memory, summaries = state
+              attn_probs: bool, value: Callable[[jax.Array], jax.Array] | None, pad: jax.Array | None = None,
+              freeze: bool = False) -> tuple[LoopState, tuple[jax.Array | None, ...]]:
+    """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order).
+
+    freeze: decode.halted_kv=freeze; at t >= 1 a position not running keeps h and its attention rows
+    (state.rows), and its Traces entries hold the fill values (docs/semantics.md).
+    """
+    h, y, c, running, halted, counts, cache, memory, summaries, rows = state
+    frozen = None
+    if freeze:  # step 0 computes every row (pads too); later steps keep the rows of positions not running
+        frozen = FrozenRows(None if isinstance(t, int) and t == 0 else ~running & (t > 0), rows)
     mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
     out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
-              summaries=summaries, attn_probs=attn_probs, pad=pad)
+              summaries=summaries, attn_probs=attn_probs, pad=pad, frozen=frozen)
     h, p = out.h, out.p
     if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
         memory = tuple(jax.lax.dynamic_update_index_in_dim(m, x, t + 1, 0) for m, x in zip(memory, out.entry))
@@ -215,7 +229,29 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: jax.Array, e: jax.Array,
     norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(acc)), axis=-1)).astype(h.dtype)
     probs = out.attn_probs  # with a cache: all S keys, those past start_pos + T hold 0
     trace = (norm, p, c_new, running, idx, margin, None if value is None else value(h), probs)
-    return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries), trace
+    if frozen is not None and frozen.keep is not None:
+        trace = frozen_trace(trace, frozen.keep)
+    return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries,
+                     None if frozen is None else frozen.rows), trace
+
+
+def frozen_trace(trace: tuple[jax.Array | None, ...], keep: jax.Array) -> tuple[jax.Array | None, ...]:
+    """A step's Traces row with the fill values at positions keep (B, T) (frozen: they ran nothing); cum_p
+    keeps c and running is False there already."""
+    norm, p, c, running, idx, margin, value, probs = trace
+    return (jnp.where(keep, 0, norm), jnp.where(keep, 0, p), c, running, jnp.where(keep[..., None], -1, idx),
+            jnp.where(keep, jnp.inf, margin), None if value is None else jnp.where(keep, 0, value),
+            None if probs is None else jnp.where(keep[:, None, :, None], 0, probs))
+
+
+def write_frozen(rec: RecurrentBlock, cache: KVCache, h: jax.Array, rows: tuple[jax.Array, ...],
+                 names: tuple[str, ...], t: jax.Array, *, layer: jax.Array, start_pos: int | jax.Array) -> KVCache:
+    """Loop step t that a cached call skipped (decode.halted_kv=freeze, no position running): cache layer
+    `layer` (P + t) gets the carried rows (named `names`), the compressor the kept states h (B, T, D)."""
+    cache.write(layer, start_pos, **dict(zip(names, rows)))
+    if rec.compressor is not None:  # its chunks need every row of every step
+        rec.compressor.write_cached(h, t, cache, start_pos)
+    return cache
 
 
 # a Traces row, or the stacked Traces: a NamedTuple of arrays (and Nones) in Traces field order
@@ -223,9 +259,10 @@ Rows = tuple[jax.Array | None, ...]
 
 
 def _run_steps(step: Callable[[LoopState, jax.Array], tuple[LoopState, Rows]], state: LoopState, fills: Rows, N: int,
-               early_exit: bool) -> tuple[LoopState, Rows, jax.Array]:
+               early_exit: bool, first: bool = False) -> tuple[LoopState, Rows, jax.Array]:
     """Run step(state, t) for t = 0, 1, ... (the loop's control flow, STYLE 9; step calls loop_step) -> final
-    state, the per-step Traces rows stacked to (N, ...) (steps not run hold `fills`), steps executed."""
+    state, the per-step Traces rows stacked to (N, ...) (steps not run hold `fills`), steps executed.
+    first: step 0 runs even when no position is running (a cached call of pads only, as the torch for loop)."""
     if not early_exit:
         # lax.scan: all N steps, reverse-differentiable (training); the per-step rows stack to (N, ...)
         state, traces = jax.lax.scan(step, state, jnp.arange(N, dtype=jnp.int32))
@@ -235,7 +272,7 @@ def _run_steps(step: Callable[[LoopState, jax.Array], tuple[LoopState, Rows]], s
     # test on traced values; rows go into fixed-size (N, ...) buffers, steps not run keep the fills
     def cond(carry: tuple[jax.Array, LoopState, Rows]) -> jax.Array:
         t, state, _ = carry
-        return (t < N) & jnp.any(state.running)
+        return (t < N) & (jnp.any(state.running) | (t == 0)) if first else (t < N) & jnp.any(state.running)
 
     def body(carry: tuple[jax.Array, LoopState, Rows]) -> tuple[jax.Array, LoopState, Rows]:
         t, state, traces = carry

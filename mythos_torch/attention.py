@@ -78,6 +78,27 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(B, H, T, -1).transpose(1, 2)  # (B, T, H, K_v)
 
 
+class FrozenRows:
+    """decode.halted_kv=freeze (docs/semantics.md "Halted tokens at deeper loop steps"): the looped attention's
+    rows (B, T, ...) of positions that do not run at this step are the carried rows of the last step they ran.
+
+    keep (B, T) bool: not running before this step (None: step 0, every row computed); rows: the carried
+    rows (GQA: k after RoPE, v; MLA: c_kv, k_r), and after `select` this step's rows, which the loop carries on.
+    """
+
+    def __init__(self, keep: torch.Tensor | None, rows: tuple[torch.Tensor, ...] | None):
+        self.keep = keep
+        self.rows = rows
+
+    def select(self, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows (B, T, ...) as computed -> where(keep, carried, computed), also kept as self.rows."""
+        if self.keep is not None:
+            rows = tuple(torch.where(self.keep.view(*self.keep.shape, *(1,) * (r.dim() - 2)), old, r)
+                         for old, r in zip(self.rows, rows))
+        self.rows = rows
+        return rows
+
+
 class GQAttention(nn.Module):
     """Grouped-query attention: query head j reads key/value head j // (H / H_kv)."""
 
@@ -93,17 +114,20 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(n_heads * hd, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, attn_probs: bool = False, pad: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                layer: int = 0, start_pos: int = 0, attn_probs: bool = False, pad: torch.Tensor | None = None,
+                frozen: FrozenRows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None.
 
-        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention);
+        frozen: the looped block under decode.halted_kv=freeze (FrozenRows picks k, v per position)."""
         B, T, _ = x.shape
         hd = self.head_dim
         # -1 heads: under tensor parallelism (sharding.py) wq/wk/wv give this rank's heads only
         q, k, v = self.wq(x).view(B, T, -1, hd), self.wk(x).view(B, T, -1, hd), self.wv(x).view(B, T, -1, hd)
         H, Hkv = q.shape[2], k.shape[2]
         q, k = apply_rope(torch.cat([q, k], dim=2), cos, sin).split([H, Hkv], dim=2)  # (B, T, H, K), (B, S, H_kv, K)
+        if frozen is not None:
+            k, v = frozen.select(k, v)
         if cache is not None:
             k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
         q_start = None if cache is None else start_pos
@@ -134,11 +158,12 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(H * v_head_dim, dim, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
-                layer: int = 0, start_pos: int = 0, attn_probs: bool = False, pad: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                layer: int = 0, start_pos: int = 0, attn_probs: bool = False, pad: torch.Tensor | None = None,
+                frozen: FrozenRows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) -> (out (B, T, D), probs): attn_probs: the probabilities (B, H, T, S), acc dtype; else None.
 
-        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention)."""
+        cos, sin: (T, K/2), or (B, T, K/2) per row with left padding; pad (B,) or None (causal_attention);
+        frozen: the looped block under decode.halted_kv=freeze (FrozenRows picks c_kv, k_r per position)."""
         B, T, _ = x.shape
         nope, rope, vd = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         c_q = self.q_norm(self.q_down(x))
@@ -147,6 +172,8 @@ class MLAttention(nn.Module):
         q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, rope), cos, sin)
         c_kv, k_r = self.kv_down(x).split([self.kv_lora_rank, rope], dim=-1)  # (B, S, kv_lora_rank), (B, S, rope)
         k_r = apply_rope(k_r.view(B, T, 1, rope), cos, sin)  # (B, S, 1, rope): one rotated key per token
+        if frozen is not None:
+            c_kv, k_r = frozen.select(c_kv, k_r)
         if cache is not None:
             c_kv, k_r = cache.write(layer, start_pos, c_kv=c_kv, k_r=k_r)  # positions 0..start_pos+T-1
         S = c_kv.shape[1]

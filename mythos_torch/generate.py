@@ -38,7 +38,8 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: 
         model: a Mythos model.
         ids: (B, T) prompt token ids.
         max_new_tokens: tokens to add; T + max_new_tokens must not exceed spec.max_seq_len.
-        n_loops: loop steps N of every call (all of them run); None -> recurrent.max_loop_iters.
+        n_loops: loop steps N of every call; None -> recurrent.max_loop_iters. Under decode.halted_kv=compute
+            every call runs all N; under freeze a call stops once none of its tokens is running.
         temperature: 0 is greedy (argmax, ties to the lower id); else sampling (sample_next).
         top_k, top_p: sampling filters (None: off).
         seed: seed of numpy.random.default_rng, one uniform per row per step.
@@ -81,7 +82,8 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, n_loops: 
         # forward without its checks: the ids are sampled ids (a done row's -1 fill runs as id 0), the
         # positions fit the cache
         step = torch.from_numpy(np.maximum(tok, 0)[:, None]).to(ids.device)
-        out = (compiled_step(model) if compile else model._forward)(step, N, False, None, None, out.cache, T + i,
+        # early_exit=True: honoured under decode.halted_kv=freeze (the step stops once its token halted)
+        out = (compiled_step(model) if compile else model._forward)(step, N, True, None, None, out.cache, T + i,
                                                                     pad=pad)
     tail = np.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=np.int64)
     if new:

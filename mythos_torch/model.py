@@ -18,7 +18,7 @@ from .block import make_block
 from .cache import KVCache, init_cache
 from .generate import generate
 from .layers import RMSNorm, acc_dtype
-from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step
+from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step, write_frozen
 from .sharding import Sharding, any_running
 from .weights import load_arrays
 
@@ -86,11 +86,13 @@ class Mythos(nn.Module):
         Args:
             ids: (B, T) integer token ids, T <= spec.max_seq_len.
             n_loops: loop steps N (>= 1); None -> spec.recurrent.max_loop_iters.
-            early_exit: stop once no position is running (the result equals running all N steps).
+            early_exit: stop once no position is running (the result equals running all N steps). With a
+                cache: honoured under decode.halted_kv=freeze (the deeper cache layers get the frozen rows),
+                ignored under compute (every step runs).
             force_halt: (B, T) int; s in 1..N halts the position at step s, 0 never by threshold, -1: not forced.
             force_experts: (N, B, T, k) int; routed experts of step t are force_experts[t] (-1: not forced).
             cache: a KVCache from init_cache(B, ..., N): ids sit at absolute positions start_pos..start_pos+T-1
-                and see the cached positions before them; every loop step runs (early_exit is ignored).
+                and see the cached positions before them; under decode.halted_kv=compute every loop step runs.
             start_pos: absolute position of ids[:, 0] (only with a cache).
             attn_probs: also return the looped block's attention probabilities per step (traces.attn_probs).
             no_grad_steps: the first no_grad_steps loop steps (0..N) run without gradient (truncated backprop).
@@ -109,13 +111,14 @@ class Mythos(nn.Module):
         start_pos = self._check_cache(cache, start_pos, N, B, T)
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
         pad = self._check_mask(attention_mask, cache, start_pos, B, T)
-        return self._forward(ids, N, early_exit and cache is None, force_halt, force_experts, cache, start_pos,
-                             bool(attn_probs), no_grad_steps, pad)
+        return self._forward(ids, N, early_exit, force_halt, force_experts, cache, start_pos, bool(attn_probs),
+                             no_grad_steps, pad)
 
     def _forward(self, ids: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
                  force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int,
                  attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None) -> ModelOutput:
-        """forward after its checks (generate's decode steps call it directly); pad (B,) or None: no padding."""
+        """forward after its checks (generate's decode steps call it directly); pad (B,) or None: no padding.
+        early_exit with a cache: honoured under decode.halted_kv=freeze, ignored under compute."""
         T = ids.shape[1]
         if pad is None:  # absolute positions start_pos..start_pos+T-1
             cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
@@ -147,10 +150,17 @@ class Mythos(nn.Module):
         """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache.
 
         pad (B,): left padding; pads start not running (weight 0, loop count 0), so they never keep the loop alive.
+        decode.halted_kv=freeze: positions not running keep their state and attention rows (docs/semantics.md
+        "Halted tokens at deeper loop steps"); with a cache the call may then stop early, the skipped steps'
+        cache layers get the frozen rows. Under compute a call with a cache runs every step.
         """
         s, rec = self.spec, self.recurrent
         B, T, _ = e.shape
         act, dev = acc_dtype(e.dtype), e.device
+        halted_frozen = s.decode.halted_kv == "freeze"
+        # under torch.export (the ONNX decode-step graph) a cached freeze call runs every step, frozen where halted:
+        # the same logits and cache, no data-dependent break
+        early_exit = early_exit and (cache is None or (halted_frozen and not torch.compiler.is_exporting()))
         # loop-embedding rows from spec.loop_table (float64 angles; activation dtype under openmythos-0.5)
         rows = self._loop_rows(N, e.dtype)  # (N, D): zero past the first L channels
         P = len(self.prelude)
@@ -172,13 +182,13 @@ class Mythos(nn.Module):
                 raise ValueError('loop_form="while" (one torch.while_loop, for torch.export / ONNX) does not run on a '
                                  'sharded model (sharding.shard); use loop_form="for" (the default)')
             return self._loop_while(state, e, rows, cos, sin, N, early_exit, force_halt, force_experts, attn_probs,
-                                    no_grad_steps, value, pad)
+                                    no_grad_steps, value, pad, halted_frozen)
         steps: list[tuple[torch.Tensor | None, ...]] = []
         for t in range(N):
             fx = None if force_experts is None else force_experts[t]
             args = (rec, state, t, e, rows[t], cos, sin, fx, force_halt)
             kw = dict(halting=s.halting, last=t == N - 1, start_pos=start_pos, layer=P + t, attn_probs=attn_probs,
-                      value=value, pad=pad)
+                      value=value, pad=pad, freeze=halted_frozen)
             # truncated backprop: the first no_grad_steps steps (and all they produce) carry no gradient
             with torch.no_grad() if t < no_grad_steps else contextlib.nullcontext():
                 if s.recurrent.checkpoint and cache is None and torch.is_grad_enabled():
@@ -187,10 +197,13 @@ class Mythos(nn.Module):
                 else:
                     state, trace = loop_step(*args, **kw)
             steps.append(trace)
-            # with a cache every step runs, so later tokens find cache entries at every depth; sharded, every
-            # rank runs until no position of any batch shard is running (the same collectives on every rank)
+            # under compute with a cache every step runs, so later tokens find cache entries at every depth;
+            # sharded, every rank runs until no position of any batch shard is running (the same collectives)
             if early_exit and not any_running(self.sharding, state.running):
                 break
+        if halted_frozen and cache is not None:  # the skipped steps' layers: every position's frozen rows
+            for t in range(len(steps), N):
+                write_frozen(rec, cache, state.h, state.rows, _row_names(s), t, layer=P + t, start_pos=start_pos)
         fills = (0, 0, 0, False, -1, float("inf"), 0, 0)
         traces = Traces(*(None if col[0] is None else _stack_steps(list(col), N, fill)
                           for col, fill in zip(zip(*steps), fills)))
@@ -199,7 +212,8 @@ class Mythos(nn.Module):
     def _loop_while(self, state: LoopState, e: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
                     force_experts: torch.Tensor | None, attn_probs: bool, no_grad_steps: int,
-                    value: Callable[[torch.Tensor], torch.Tensor] | None, pad: torch.Tensor | None = None
+                    value: Callable[[torch.Tensor], torch.Tensor] | None, pad: torch.Tensor | None = None,
+                    freeze: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Traces, None]:
         """loop() as one torch.while_loop (loop_form="while", no cache): the jax twin's loop; n_steps a 0-d tensor."""
         s, rec = self.spec, self.recurrent
@@ -211,6 +225,8 @@ class Mythos(nn.Module):
         if rec.compressor is not None:  # step t-1's summaries, all zeros (and masked) at step 0, as in the jax twin
             cp = s.recurrent.compressor
             state = state._replace(summaries=e.new_zeros(B, T // cp.chunk, cp.n_summaries, s.dim))
+        if freeze:  # the carried attention rows ride in the carry from step 0 (zeros, replaced at step 0)
+            state = state._replace(rows=tuple(e.new_zeros(cache_shapes(s, B, T, N)[n][1:]) for n in _row_names(s)))
         P = len(self.prelude)
 
         def step(state: LoopState, t: torch.Tensor) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
@@ -218,7 +234,7 @@ class Mythos(nn.Module):
             fx = None if force_experts is None else force_experts.index_select(0, at)[0]
             return loop_step(rec, state, t, e, rows.index_select(0, at)[0], cos, sin, fx, force_halt,
                              halting=s.halting, last=t == N - 1, start_pos=0, layer=P, attn_probs=attn_probs,
-                             value=value, pad=pad)
+                             value=value, pad=pad, freeze=freeze)
 
         k = s.moe.top_k if s.recurrent.ffn == "moe" else 0
         fills = Traces(e.new_zeros(B, T), e.new_zeros(B, T, dtype=act), e.new_zeros(B, T, dtype=act),
@@ -407,6 +423,11 @@ def _check_no_grad_steps(k: int, N: int) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= N:
         raise ValueError(f"no_grad_steps={k!r} must be an integer in 0..n_loops={N}")
     return int(k)
+
+
+def _row_names(spec: Spec) -> tuple[str, str]:
+    """The looped attention's per-token cache rows (decode.halted_kv=freeze carries them): GQA k, v; MLA c_kv, k_r."""
+    return ("k", "v") if spec.attention.type == "gqa" else ("c_kv", "k_r")
 
 
 def _stack_steps(rows: list[torch.Tensor], n: int, fill: float | bool | int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from spec import HaltingSpec, Spec
 
+from .attention import FrozenRows
 from .block import Block
 from .cache import KVCache
 from .components import ContextCompressor, CrossLoopAttention, MemoryGate
@@ -119,6 +120,9 @@ class LoopState(NamedTuple):
     cache: KVCache | None  # updated in place: step t writes its layer P + t
     memory: tuple[torch.Tensor, torch.Tensor] | None  # cross-loop keys, values (N + 1, B, T, H, K); entry 0 = e
     summaries: torch.Tensor | None  # compressor summaries of the previous step (B, J, m, D), no cache
+    # decode.halted_kv=freeze: the current tokens' looped-attention rows of the last step each ran (GQA: k after
+    # RoPE, v, (B, T, H_kv, K); MLA: c_kv (B, T, R), k_r (B, T, 1, rope)); None under compute and before step 0
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class RecurrentBlock(nn.Module):
@@ -143,13 +147,14 @@ class RecurrentBlock(nn.Module):
                 sin: torch.Tensor, force_idx: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 layer: int = 0, start_pos: int = 0, memory: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                 summaries: torch.Tensor | None = None, attn_probs: bool = False,
-                pad: torch.Tensor | None = None) -> StepOut:
+                pad: torch.Tensor | None = None, frozen: FrozenRows | None = None) -> StepOut:
         """Step t: h (B, T, D) -> StepOut(new h, halting p (B, T), route, memory entry, summaries, attn_probs).
 
         memory: the cross-loop memory (keys, values, entries in use), (M, B, T, H, K) each; summaries: the
         compressor's summaries of step t-1 (B, J, m, D) (None at step 0). With a cache, the block's attention
         writes and reads cache layer `layer` (P + t), and the compressor reads and writes its cache rows.
         pad (B,): each row's left padding, for the block's attention (None: none; the compressor refuses it).
+        frozen (decode.halted_kv=freeze): positions frozen.keep keep h and their carried attention rows.
         """
         # the loop embedding feeds the block input only; the injection uses the un-embedded h
         x = add_loop_embedding(h, row)  # h~
@@ -165,13 +170,15 @@ class RecurrentBlock(nn.Module):
             x = x + self.compressor.read(x, summaries, n_visible)
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
-                                     attn_probs=attn_probs, pad=pad)
+                                     attn_probs=attn_probs, pad=pad, frozen=frozen)
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
             h_new = self.injection(h, e, o)
         else:
             h_new = self.memory_gate(h, e, o, self.injection.decay(), self.injection.B)
+        if frozen is not None and frozen.keep is not None:  # a frozen position keeps its state
+            h_new = torch.where(frozen.keep[..., None], h, h_new)
         entry = None if self.cross_loop is None else self.cross_loop.entry(h_new)
         new_summaries = None
         if self.compressor is not None:
@@ -187,16 +194,21 @@ class RecurrentBlock(nn.Module):
 def loop_step(rec: RecurrentBlock, state: LoopState, t: int | torch.Tensor, e: torch.Tensor, row: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor, force_idx: torch.Tensor | None, force_halt: torch.Tensor | None, *,
               halting: HaltingSpec, last: bool, start_pos: int, layer: int, attn_probs: bool,
-              value: Callable[[torch.Tensor], torch.Tensor] | None, pad: torch.Tensor | None = None
-              ) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
+              value: Callable[[torch.Tensor], torch.Tensor] | None, pad: torch.Tensor | None = None,
+              freeze: bool = False) -> tuple[LoopState, tuple[torch.Tensor | None, ...]]:
     """Loop step t (ARCHITECTURE.md 3-4): state -> (new state, the step's Traces row in Traces field order).
 
     t: a Python int (the eager loop), or a 0-d int32 tensor (the torch.while_loop form, `_run_steps`).
+    freeze: decode.halted_kv=freeze; at t >= 1 a position not running keeps h and its attention rows
+    (state.rows), and its Traces entries hold the fill values (docs/semantics.md).
     """
-    h, y, c, running, halted, counts, cache, memory, summaries = state
+    h, y, c, running, halted, counts, cache, memory, summaries, rows = state
+    frozen = None
+    if freeze:  # step 0 computes every row (pads too); later steps keep the rows of positions not running
+        frozen = FrozenRows(None if isinstance(t, int) and t == 0 else ~running & (t > 0), rows)
     mem = None if memory is None else (*memory, t + 1)  # entries 0..t: e, h_1, ..., h_t
     out = rec(h, e, t, row, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos, memory=mem,
-              summaries=summaries, attn_probs=attn_probs, pad=pad)
+              summaries=summaries, attn_probs=attn_probs, pad=pad, frozen=frozen)
     h, p = out.h, out.p
     if memory is not None:  # entry t + 1 (N + 1 slots: the last step's entry is written, never read)
         # out of place: the earlier steps' attention saved the memory for the backward pass
@@ -228,7 +240,29 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: int | torch.Tensor, e: t
     if probs is not None and cache is not None:  # keys past start_pos + T: zeros, as in the jax twin
         probs = F.pad(probs, (0, cache.capacity - probs.shape[-1]))
     trace = (norm, p, c_new, running, idx, margin, None if value is None else value(h), probs)
-    return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries), trace
+    if frozen is not None and frozen.keep is not None:
+        trace = frozen_trace(trace, frozen.keep)
+    return LoopState(h, y, c_new, still, halted, counts, cache, memory, summaries,
+                     None if frozen is None else frozen.rows), trace
+
+
+def frozen_trace(trace: tuple[torch.Tensor | None, ...], keep: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """A step's Traces row with the fill values at positions keep (B, T) (frozen: they ran nothing); cum_p
+    keeps c and running is False there already."""
+    norm, p, c, running, idx, margin, value, probs = trace
+    return (torch.where(keep, 0.0, norm), torch.where(keep, 0.0, p), c, running, torch.where(keep[..., None], -1, idx),
+            torch.where(keep, float("inf"), margin), None if value is None else torch.where(keep, 0.0, value),
+            None if probs is None else torch.where(keep[:, None, :, None], 0.0, probs))
+
+
+def write_frozen(rec: RecurrentBlock, cache: KVCache, h: torch.Tensor, rows: tuple[torch.Tensor, ...],
+                 names: tuple[str, ...], t: int, *, layer: int, start_pos: int) -> KVCache:
+    """Loop step t that a cached call skipped (decode.halted_kv=freeze, no position running): cache layer
+    `layer` (P + t) gets the carried rows (named `names`), the compressor the kept states h (B, T, D)."""
+    cache.write(layer, start_pos, **dict(zip(names, rows)))
+    if rec.compressor is not None:  # its chunks need every row of every step
+        rec.compressor.write_cached(h, t, cache, start_pos)
+    return cache
 
 
 # a Traces row, or the stacked Traces: a tuple of tensors (and Nones) in Traces field order

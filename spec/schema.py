@@ -198,6 +198,14 @@ class InitSpec:
 
 
 @dataclass(frozen=True)
+class DecodeSpec:
+    """What a halted position contributes at deeper loop steps (docs/semantics.md "Halted tokens at deeper
+    loop steps"): `compute` runs every position at every step (its state evolves, later tokens read its
+    deeper keys/values); `freeze` keeps its state and its last step's keys/values, so it needs no computation."""
+    halted_kv: Literal["compute", "freeze"] = "compute"
+
+
+@dataclass(frozen=True)
 class Spec:
     vocab_size: int
     dim: int
@@ -216,6 +224,7 @@ class Spec:
     value_head: ValueHeadSpec = field(default_factory=ValueHeadSpec)
     loss: LossSpec = field(default_factory=LossSpec)
     init: InitSpec = field(default_factory=InitSpec)
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
 
     # Derived values: computed from the fields above, never stored in YAML.
     @property
@@ -267,6 +276,7 @@ SEMANTICS_FIXED: dict[str, dict[str, object]] = {
         "recurrent.memory_gate.enabled": False,
         "halting.straight_through": False,
         "value_head.enabled": False,
+        "decode.halted_kv": "compute",  # open-mythos runs every position at every step
     },
     "mythos": {},
 }
@@ -658,6 +668,10 @@ def validate(s: Spec) -> None:
         need(s.dim % cl.n_heads == 0, f"recurrent.cross_loop_attention.n_heads={cl.n_heads} must divide dim={s.dim}")
     if cp.enabled:
         need(s.dim % cp.n_heads == 0, f"recurrent.compressor.n_heads={cp.n_heads} must divide dim={s.dim}")
+    # a Spec built directly (not through load) skips SEMANTICS_FIXED; this one field is checked here too
+    need(s.semantics != "openmythos-0.5" or s.decode.halted_kv == "compute",
+         f"decode.halted_kv={s.decode.halted_kv!r} conflicts with semantics=openmythos-0.5 "
+         "(which fixes it to 'compute')")
     need(s.loss.consistency == 0 or s.value_head.enabled,
          f"loss.consistency={s.loss.consistency} needs value_head.enabled=true (the loss compares value-head outputs)")
 
