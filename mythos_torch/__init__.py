@@ -20,6 +20,7 @@ from .layers import RMSNorm, SwiGLU, apply_rope, rms_norm
 from .losses import consistency, cross_entropy, halting_entropy, ponder_cost, total_loss
 from .model import ModelOutput, Mythos, Traces, build, forward
 from .moe import MoE, expert_load, route, update_router_bias
+from .paged import PagedPool, PagedView, build_block_tables, check_tables, paged_forward
 from .precision import set_parity_precision
 from .recurrent import ACT, HaltMLP, LoRA, LTIInjection, RecurrentBlock, act_step, add_loop_embedding
 from .sharding import Sharding, make_mesh, shard, shard_batch
@@ -42,4 +43,5 @@ __all__ = [
     "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",
     "set_parity_precision",
     "make_mesh", "shard", "shard_batch", "Sharding",
+    "PagedPool", "PagedView", "paged_forward", "check_tables", "build_block_tables",
 ]

@@ -58,6 +58,7 @@ PUBLIC = [
     "StepResult", "Trainer", "train_step", "optimizer_arrays", "load_optimizer_arrays",  # train.py
     "set_parity_precision",  # precision.py
     "make_mesh", "shard", "shard_batch", "Sharding",  # sharding.py (expert_parallel.py: behind shard)
+    "PagedPool", "PagedView", "paged_forward", "check_tables", "build_block_tables",  # paged.py
 ]
 
 
