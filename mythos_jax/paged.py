@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import weakref
 from typing import Sequence
 
 import jax
@@ -63,6 +64,7 @@ class PagedPool:
             raise ValueError("PagedPool: a sharded model (sharding.shard) is not supported; page an unsharded model")
         dtype = model.embed.embedding.dtype
         self.spec = s
+        self._split: tuple | None = None  # (weakref to the model, static, leaves): see paged_forward
         self.n_blocks, self.block_size, self.max_loops = int(n_blocks), int(block_size), int(max_loops)
         self.n_prelude, self.n_coda = s.prelude_layers, s.coda_layers
         self.arrays = {n: jnp.zeros(sh, dtype=dtype)
@@ -297,7 +299,11 @@ def paged_forward(model: Mythos, pool: PagedPool, ids: jax.Array, block_tables: 
     cp = pool.spec.recurrent.compressor
     geometry = (pool.block_size, pool.max_loops, pool.n_prelude, pool.n_coda, cp.chunk if cp.enabled else 0, T)
     padded = len(set(lengths.tolist())) > 1
-    out, pool.arrays = _paged_forward(*_split(model), pool.arrays, ids, jnp.asarray(tables, jnp.int32),
+    # the model split once per pool and model (nnx.split walks the whole graph, ~2 ms a call on tiny): the pool
+    # serves the weights the model had at its first call; a model whose weights change needs a new pool
+    if pool._split is None or pool._split[0]() is not model:
+        pool._split = (weakref.ref(model), *_split(model))
+    out, pool.arrays = _paged_forward(*pool._split[1:], pool.arrays, ids, jnp.asarray(tables, jnp.int32),
                                       jnp.asarray(lengths, jnp.int32), int(n_loops), geometry, padded)
     return out
 
