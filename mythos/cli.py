@@ -1,4 +1,4 @@
-"""The `mythos` command line: presets, info, parity, generate, trace, convert, check, train, eval, export (onnx, hf)."""
+"""The `mythos` command line: presets, info, parity, generate, trace, convert, check, train, eval, serve, export (onnx, hf)."""
 
 from __future__ import annotations
 
@@ -666,6 +666,87 @@ def eval_command(
     console.print(t)
     if output is not None:
         console.print(f"results written to {escape(str(output))}")
+
+
+# `mythos serve` with no WEIGHTS_OR_SPEC: the tiny preset, its vocabulary grown to hold the byte tokenizer
+SERVE_DEFAULT, SERVE_DEFAULT_SETS = "tiny", ("vocab_size=258",)
+
+
+@app.command("serve")
+@clear_errors
+def serve_command(
+    source: Optional[str] = typer.Argument(None, metavar="WEIGHTS_OR_SPEC", help=WEIGHTS_OR_SPEC_HELP + "; default: "
+                                           "the tiny preset with vocab_size=258, random weights from --seed"),
+    backend: str = typer.Option("torch", help="torch | jax"),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float64 | bfloat16 (default: the file's, float32 for a spec)"),
+    host: str = typer.Option("127.0.0.1", help="the address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=0, max=65535, help="the port to listen on (0: a free one, printed)"),
+    max_num_seqs: int = typer.Option(8, "--max-num-seqs", min=1, help="sequences the engine decodes at once"),
+    block_size: int = typer.Option(16, "--block-size", min=1, help="positions per KV-cache block"),
+    seed: int = typer.Option(0, min=0, help="seed of the weights when SOURCE is a spec, and of the seeds of "
+                             "requests that give none"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
+    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", help="the largest max_tokens a "
+                                                   "request may ask for (default: max_seq_len - 1)"),
+    max_waiting: int = typer.Option(64, "--max-waiting", min=1, help="requests in flight at once (one per prompt); "
+                                    "more are refused with 429"),
+    max_loops: Optional[int] = typer.Option(None, "--max-loops", min=1, help="the largest n_loops a request may ask "
+                                            "for (the KV pool holds that many loop steps; default: max_loop_iters)"),
+) -> None:
+    """Serve OpenAI-compatible completions over HTTP (POST /v1/completions, streaming; GET /v1/models, /health)
+    from the continuous-batching engine; Ctrl-C stops it (docs/serving.md).
+
+    Exit status: 0 when stopped by Ctrl-C (or SIGTERM), 2 on bad input (a port in use, a spec whose vocabulary
+    cannot hold the byte tokenizer, ...; checked before the model is built or read).
+    """
+    import json
+    import shlex
+    import signal
+
+    from .serve.http import bind
+    from .tokenizer import ByteTokenizer
+
+    check_choice("--backend", backend, backends.BACKENDS)
+    if dtype is not None:
+        check_choice("--dtype", dtype, backends.DTYPES)
+    sets = [*SERVE_DEFAULT_SETS, *set_] if source is None else set_  # a later --set vocab_size=... wins
+    source = SERVE_DEFAULT if source is None else source
+    src = resolve(source, sets)  # the spec alone (a weights file: its header), so every check comes first
+    ByteTokenizer.for_spec(src.spec)
+    if max_tokens_limit is not None:
+        _check(S.check_length, src.spec, max_tokens_limit, what="--max-tokens-limit")
+    if max_loops is not None:
+        _check(S.check_loops, src.spec, max_loops, what="--max-loops")
+    name = Path(source).stem if is_weights_file(source) or source.endswith((".yaml", ".yml")) else Path(source).name
+    server = bind(src.spec, host, port, model_name=name, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
+                  seed=seed, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM stops the server as Ctrl-C does
+    try:
+        from .serve.engine import Engine, EngineLoop
+
+        dtype = dtype or src.dtype or "float32"
+        weights = f"weights {src.weights}" if src.weights is not None else f"random weights, seed {seed}"
+        console.print(f"[dim]loading {escape(name)}: {backend} {dtype}, {escape(weights)}[/dim]")
+        model = load_model(source, backend, dtype, seed, sets)
+        loop = EngineLoop(Engine(model, max_num_seqs=max_num_seqs, block_size=block_size, max_loops=max_loops))
+        server.attach(loop)
+        loop.start()
+        body = json.dumps({"model": name, "prompt": "hello", "max_tokens": 16, "temperature": 0})
+        # plain prints: a URL and a command to paste, never wrapped or styled
+        print(f"serving {name} at {server.url}/v1 (max_seq_len {src.spec.max_seq_len}, up to {max_num_seqs} "
+              f"sequences at once); Ctrl-C stops", flush=True)
+        print(f"curl {server.url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",
+              flush=True)
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        console.print("[dim]stopping[/dim]")
+    finally:
+        server.close()  # the socket, then the engine loop
+        signal.signal(signal.SIGTERM, before)
 
 
 export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model to another runtime's format.")
