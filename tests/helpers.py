@@ -292,3 +292,18 @@ class JaxTwin:
     def apply(self, module: Any, *args: Any) -> Any:
         """module(*args), compiled (NumPy inputs; None passes), the outputs as NumPy."""
         return tree_to_numpy(self._apply(module, *(self.array(a) for a in args)))
+
+
+def spread_halting(s: S.Spec, ids: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """spec.init_arrays(s, seed) with the halting head x40 and its bias centred on ids (B, T) (the torch twin,
+    float64, every step run), so ACT loop counts spread over positions instead of all halting at one step."""
+    import torch
+
+    import mythos_torch as mt
+
+    w = S.init_arrays(s, seed)
+    w["recurrent.act.halt.weight"] = w["recurrent.act.halt.weight"] * 40.0
+    with torch.no_grad():
+        out = mt.build(s, seed, "float64", weights=w)(torch.from_numpy(np.asarray(ids)), early_exit=False)
+    w["recurrent.act.halt.bias"] = w["recurrent.act.halt.bias"] - float(torch.logit(out.traces.halt_p).mean()) - 0.5
+    return w

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+from helpers import spread_halting
 from mythos.tokenizer import ByteTokenizer
 
 B, L, P, NEW = 2, 16, 6, 10  # batch, sequence length, prompt length, new tokens (P + NEW = L)
@@ -47,14 +48,7 @@ def tiny(config: str, **more: object) -> S.Spec:
 @functools.lru_cache(maxsize=None)
 def spread_weights(config: str) -> dict[str, np.ndarray]:
     """init_arrays with the halting head x40 and its bias centred, so loop counts vary by position."""
-    s = tiny(config)
-    w = S.init_arrays(s, 0)
-    w["recurrent.act.halt.weight"] = w["recurrent.act.halt.weight"] * 40.0
-    with torch.no_grad():
-        out = mt.build(s, 0, "float64", weights=w)(torch.from_numpy(ids_for(99)), early_exit=False)
-    z = float(torch.logit(out.traces.halt_p).mean())
-    w["recurrent.act.halt.bias"] = w["recurrent.act.halt.bias"] - z - 0.5
-    return w
+    return spread_halting(tiny(config), ids_for(99))
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+from helpers import spread_halting
 from mythos.serve import Engine, EngineLoop, Event, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny tensors run fastest on one thread
@@ -37,12 +38,7 @@ def model(twin: str, config: str):
     """A cached tiny float64 model with the halting head x40 and its bias centred: loop counts spread by
     position (tests/test_decode.py spread_weights). Do not mutate it."""
     s = S.load("tiny", overrides=CONFIGS[config])
-    w = S.init_arrays(s, 0)
-    w["recurrent.act.halt.weight"] = w["recurrent.act.halt.weight"] * 40.0
-    ids = np.random.default_rng(99).integers(0, 64, (2, 16))
-    with torch.no_grad():
-        out = mt.build(s, 0, "float64", weights=w)(torch.from_numpy(ids), early_exit=False)
-    w["recurrent.act.halt.bias"] = w["recurrent.act.halt.bias"] - float(torch.logit(out.traces.halt_p).mean()) - 0.5
+    w = spread_halting(s, np.random.default_rng(99).integers(0, 64, (2, 16)))
     return (mt if twin == "torch" else mj).build(s, 0, "float64", weights=w)
 
 

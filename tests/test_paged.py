@@ -23,6 +23,7 @@ from hypothesis import given, settings
 import mythos_jax as mj
 import mythos_torch as mt
 import spec as S
+from helpers import spread_halting
 from mythos_jax.generate import TRACE_COUNTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,13 +56,7 @@ def tiny(config: str) -> S.Spec:
 @functools.lru_cache(maxsize=None)
 def spread_weights(config: str) -> dict[str, np.ndarray]:
     """init_arrays with the halting head x40 and its bias centred, so loop counts vary by position."""
-    s = tiny(config)
-    w = S.init_arrays(s, 0)
-    w["recurrent.act.halt.weight"] = w["recurrent.act.halt.weight"] * 40.0
-    with torch.no_grad():
-        out = mt.build(s, 0, "float64", weights=w)(torch.from_numpy(seq_ids(99, 2)), early_exit=False)
-    w["recurrent.act.halt.bias"] = w["recurrent.act.halt.bias"] - float(torch.logit(out.traces.halt_p).mean()) - 0.5
-    return w
+    return spread_halting(tiny(config), seq_ids(99, 2))
 
 
 @functools.lru_cache(maxsize=None)
