@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from spec import Spec, cache_shapes
+from spec.paging import build_block_tables, check_pairs, check_tables  # noqa: F401 (exported)
 
 from .generate import TRACE_COUNTS, _split, _Static
 from .model import ModelOutput, Mythos
@@ -77,7 +78,7 @@ class PagedPool:
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: block src -> block dst for each (src, dst), every array and layer."""
-        src, dst = _check_pairs(pairs, self.n_blocks)
+        src, dst = check_pairs(pairs, self.n_blocks)
         if src:
             self.arrays = _copy_blocks(self.arrays, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
 
@@ -218,58 +219,6 @@ def _unflatten(aux: tuple[tuple[str, ...], int, tuple[int, ...]], leaves: tuple[
 jax.tree_util.register_pytree_node(PagedView, _flatten, _unflatten)
 
 
-def check_tables(pool: PagedPool, block_tables: np.ndarray, lengths: np.ndarray, B: int, T: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """block_tables (B, W) and lengths (B,) as int64 arrays after checking them against a call of T new
-    tokens per row, or a clear ValueError naming the row. Table entries past a row's last needed block
-    (any value) come back as 0."""
-    bs, nb = pool.block_size, pool.n_blocks
-    tables, lengths = np.asarray(block_tables), np.asarray(lengths)
-    for name, a, nd in (("block_tables", tables, 2), ("lengths", lengths, 1)):
-        if a.dtype == bool or not np.issubdtype(a.dtype, np.integer) or a.ndim != nd:
-            raise ValueError(f"{name} must be a {nd}-d integer array, got dtype {a.dtype} and shape {a.shape}")
-    if tables.shape[0] != B or lengths.shape != (B,):
-        raise ValueError(f"block_tables {tables.shape} and lengths {lengths.shape} must have B={B} rows (ids' batch)")
-    tables, lengths = tables.astype(np.int64), lengths.astype(np.int64)
-    W = tables.shape[1]
-    seen: dict[int, int] = {}
-    for b in range(B):
-        n, end = int(lengths[b]), int(lengths[b]) + T
-        if n < 0:
-            raise ValueError(f"lengths[{b}]={n} must be >= 0 (tokens already cached for row {b})")
-        if end > pool.spec.max_seq_len:
-            raise ValueError(f"row {b}: lengths[{b}]={n} + T={T} positions exceed max_seq_len={pool.spec.max_seq_len}")
-        need = -(-end // bs)
-        if need > W:
-            raise ValueError(f"row {b}: lengths[{b}]={n} + T={T} positions need {need} blocks of block_size={bs}, "
-                             f"block_tables has W={W} (W * block_size >= lengths + T)")
-        bad = [int(x) for x in tables[b, :need] if not 0 <= x < nb]
-        if bad:
-            raise ValueError(f"block_tables row {b}: entries {bad} are not block ids in 0..n_blocks-1={nb - 1}")
-        for blk in sorted({int(x) for x in tables[b, n // bs:need]}):  # the blocks this call writes
-            if seen.setdefault(blk, b) != b:
-                raise ValueError(f"block_tables rows {seen[blk]} and {b} both write block {blk} in this call: a block "
-                                 "written belongs to one row (copy_blocks a shared one first)")
-        tables[b, need:] = 0
-    if pool.spec.recurrent.compressor.enabled and len(set(lengths.tolist())) > 1:
-        raise ValueError(f"recurrent.compressor needs every row at the same length in one call, got lengths "
-                         f"{lengths.tolist()} (its chunks start at absolute positions; run such rows in separate calls)")
-    return tables, lengths
-
-
-def build_block_tables(blocks: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
-    """(B, W) int64 block tables from each row's block ids in position order, 0 past a row's last block
-    (W = width, or the longest row's count when None)."""
-    rows = [[int(x) for x in r] for r in blocks]
-    W = max((len(r) for r in rows), default=0) if width is None else int(width)
-    if any(len(r) > W for r in rows):
-        raise ValueError(f"width={width} is less than a row's {max(len(r) for r in rows)} blocks")
-    out = np.zeros((len(rows), W), dtype=np.int64)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out
-
-
 def paged_forward(model: Mythos, pool: PagedPool, ids: jax.Array, block_tables: np.ndarray,
                   lengths: np.ndarray, n_loops: int) -> ModelOutput:
     """Run T new tokens of B sequences against their cached positions in the pool, writing their rows.
@@ -323,19 +272,3 @@ def _paged_forward(static: _Static, leaves: list[jax.Array], arrays: dict[str, j
     # early_exit: honoured under decode.halted_kv=freeze (the skipped steps get frozen rows), else every step runs
     out = model._forward(ids, n_loops, True, None, None, view, view.start_pos, pad=pad)
     return out._replace(cache=None), out.cache.arrays
-
-
-def _check_pairs(pairs: Sequence[tuple[int, int]], n_blocks: int) -> tuple[list[int], list[int]]:
-    """copy_blocks' (src, dst) pairs as two lists of block ids, or a clear ValueError."""
-    src, dst = [], []
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in pair):
-            raise ValueError(f"copy_blocks: pairs[{i}]={pair!r} must be (src, dst) block ids")
-        for name, x in zip(("src", "dst"), pair):
-            if not 0 <= x < n_blocks:
-                raise ValueError(f"copy_blocks: pairs[{i}] {name}={x} is not a block id in 0..n_blocks-1={n_blocks - 1}")
-        src.append(int(pair[0]))
-        dst.append(int(pair[1]))
-    if len(set(dst)) != len(dst):
-        raise ValueError(f"copy_blocks: a dst block appears twice in {list(zip(src, dst))}")
-    return src, dst
