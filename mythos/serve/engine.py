@@ -25,6 +25,7 @@ from typing import Hashable, Iterator, Literal, Sequence
 import numpy as np
 
 from spec.paging import BlockManager
+from weights_bridge import backends
 from spec.sampling import check_generate, check_stop, finish_step, sample_next
 
 FinishReason = Literal["length", "stop", "eos", "cancelled"]
@@ -90,7 +91,11 @@ class Engine:
 
     def __init__(self, model: object, max_num_seqs: int = 8, block_size: int = 16, n_blocks: int | None = None,
                  prefix_caching: bool = True, *, max_loops: int | None = None):
-        self.backend = _backend(model)
+        try:
+            self.backend = backends.check_backend(backends.backend_of(model))  # onnx too is refused: no cache to page
+        except ValueError:
+            raise ValueError(f"model must be a mythos_torch.Mythos or a mythos_jax.Mythos, got "
+                             f"{type(model).__name__}") from None
         self.model = model
         self.spec = s = model.spec
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("n_blocks", n_blocks),
@@ -109,8 +114,9 @@ class Engine:
         self._pad_shapes = self.backend == "jax"
         self.scratch = list(range(self.n_blocks, self.n_blocks + (max(1, self.max_num_seqs - 1) if self._pad_shapes
                                                                      else 0)))
-        PagedPool, self._paged_forward = _paged_api(self.backend)
-        self.pool = PagedPool(model, self.n_blocks + len(self.scratch), self.block_size, self.max_loops)
+        twin = backends.twin(self.backend)
+        self._paged_forward = twin.paged_forward
+        self.pool = twin.PagedPool(model, self.n_blocks + len(self.scratch), self.block_size, self.max_loops)
         self.requests: dict[str, _Request] = {}  # every request not yet finished, waiting or running
         self.waiting: list[_Request] = []  # arrival order (preempted requests go back to their place)
         self.running: list[_Request] = []  # arrival order
@@ -355,45 +361,15 @@ class Engine:
             table[b, :len(t)] = t
         for b in range(B, Bp):
             table[b, 0] = self.scratch[b - B]
-        ids_p = np.zeros((Bp, T), dtype=np.int64)
+        ids_p = np.zeros((Bp, T), dtype=np.int32)
         ids_p[:B] = ids
         lengths_p = np.zeros(Bp, dtype=np.int64)
         lengths_p[:B] = lengths
         self.counters["forward_calls"] += 1
-        if self.backend == "torch":
-            import torch
-
-            with torch.no_grad():
-                dev = self.model.embed.weight.device
-                out = self._paged_forward(self.model, self.pool, torch.from_numpy(ids_p).to(dev), table, lengths_p, N)
-            logits = out.logits[:B, -1].double().cpu().numpy()
-            counts = out.loop_counts[:B, -1].double().cpu().numpy()
-        else:
-            import jax.numpy as jnp
-
-            out = self._paged_forward(self.model, self.pool, jnp.asarray(ids_p, dtype=jnp.int32), table, lengths_p, N)
-            logits = np.asarray(out.logits[:B, -1]).astype(np.float64)
-            counts = np.asarray(out.loop_counts[:B, -1]).astype(np.float64)
+        out = self._paged_forward(self.model, self.pool, backends.from_numpy(self.backend, ids_p), table, lengths_p, N)
+        logits = backends.to_numpy(out.logits[:B, -1]).astype(np.float64)
+        counts = backends.to_numpy(out.loop_counts[:B, -1]).astype(np.float64)
         return logits, int(out.n_steps), counts
-
-
-def _backend(model: object) -> str:
-    """"torch" or "jax" from the model's class, or a clear ValueError."""
-    mod = type(model).__module__.split(".")[0]
-    if mod == "mythos_torch":
-        return "torch"
-    if mod == "mythos_jax":
-        return "jax"
-    raise ValueError(f"model must be a mythos_torch.Mythos or a mythos_jax.Mythos, got {type(model).__name__}")
-
-
-def _paged_api(backend: str) -> tuple[type, object]:
-    """The twin's PagedPool class and paged_forward function."""
-    if backend == "torch":
-        from mythos_torch.paged import PagedPool, paged_forward
-    else:
-        from mythos_jax.paged import PagedPool, paged_forward
-    return PagedPool, paged_forward
 
 
 # --------------------------------------------------------------------------------- a background thread
