@@ -103,8 +103,11 @@ def shard_rows(moe: MoE, mesh: jax.sharding.Mesh) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PerShard:
-    """MoE.dispatch of a batch-split mesh without ep: the values of experts(x, idx), each row shard on its own."""
+class _RowShards:
+    """What both dispatches share: the mesh, its row (batch) axes and shard count, and routing per row shard.
+
+    Frozen and hashable: nnx keeps a dispatch in the model's static graph, so jit compiles it into the program.
+    """
     mesh: jax.sharding.Mesh
 
     @property
@@ -114,6 +117,19 @@ class _PerShard:
     @property
     def shards(self) -> int:
         return _shards(self.mesh)
+
+    def route(self, logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """moe.route on each row shard (inside a shard_map): the same idx, weights and margin, and no collective.
+
+        Routing is per token, yet XLA's partitioner gathers every row's logits to one lax.top_k per device
+        (an all-gather of (B, T, E) per loop step, measured); per shard, each device ranks its own rows.
+        """
+        return _route_per_shard(self.mesh, self.row_axes, self.shards, logits, bias, top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerShard(_RowShards):
+    """MoE.dispatch of a batch-split mesh without ep: the values of experts(x, idx), each row shard on its own."""
 
     def __call__(self, experts: Experts, x: jax.Array, idx: jax.Array) -> jax.Array:
         N, k = idx.shape
@@ -130,28 +146,12 @@ class _PerShard:
                           check_vma=False)(x, idx, experts.gate[...], experts.up[...], experts.down[...])
         return y[:N]
 
-    def route(self, logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """moe.route on each row shard (as _AllToAll.route)."""
-        return _route_per_shard(self.mesh, self.row_axes, self.shards, logits, bias, top_k)
-
 
 @dataclasses.dataclass(frozen=True)
-class _AllToAll:
-    """MoE.dispatch under ep: (experts, x (N, D), idx (N, k)) -> (N, k, D), the values of experts(x, idx).
-
-    Frozen and hashable: nnx keeps it in the model's static graph, so jit compiles it into the program.
-    """
-    mesh: jax.sharding.Mesh
+class _AllToAll(_RowShards):
+    """MoE.dispatch under ep: (experts, x (N, D), idx (N, k)) -> (N, k, D), the values of experts(x, idx)."""
     n_experts: int  # E, the routed experts (E / n_expert per device)
     capacity_factor: float | None = None
-
-    @property
-    def row_axes(self) -> tuple[str, ...]:
-        return _row_axes(self.mesh)
-
-    @property
-    def shards(self) -> int:
-        return _shards(self.mesh)
 
     def capacity(self, rows: int, k: int) -> int:
         """C, the (token, slot) rows one device may send to one device, for `rows` local tokens of k slots."""
@@ -176,14 +176,6 @@ class _AllToAll:
         local = functools.partial(_exchange, capacity=self.capacity(n, k), n_dest=self.mesh.shape[AXIS])
         y = jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=rows, check_vma=False)(*args)
         return y[:N]
-
-    def route(self, logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """moe.route on each row shard (inside a shard_map): the same idx, weights and margin, and no collective.
-
-        Routing is per token, yet XLA's partitioner gathers every row's logits to one lax.top_k per device
-        (an all-gather of (B, T, E) per loop step, measured); per shard, each device ranks its own rows.
-        """
-        return _route_per_shard(self.mesh, self.row_axes, self.shards, logits, bias, top_k)
 
     def kept(self, idx: jax.Array) -> jax.Array:
         """(N, k) bool: which (token, slot) rows of a call with idx (N, k) reach their expert (False: dropped)."""
