@@ -91,6 +91,10 @@ def check_servable(s: spec_lib.Spec, n_loops: int, dtype: torch.dtype, *, head_s
                          "compressor keeps per-loop-step summaries of chunks of absolute positions, a cache that "
                          "vLLM's block tables do not page; export with recurrent.compressor.enabled: false, or "
                          "decode with the project's generate")
+    if a.window is not None:
+        raise ValueError(f"attention.window: {a.window} is not served by the vLLM plugin: its paged attention layers "
+                         "are built without the sliding window; export with attention.window: null, or decode with "
+                         "the project's generate (which honours it)")
     halted_kv = s.decode.halted_kv
     if halted_kv != "compute":
         raise ValueError(f"decode.halted_kv: {halted_kv} is not served by the vLLM plugin: vLLM runs every loop step "

@@ -11,30 +11,36 @@ from .layers import RMSNorm, acc_dtype, apply_rope
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, q_start: int | jax.Array | None = None,
-                     *, attn_probs: bool = False, pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                     *, attn_probs: bool = False, pad: jax.Array | None = None,
+                     window: int | None = None) -> tuple[jax.Array, jax.Array | None]:
     """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (out (B,T,H,K_v), probs).
 
     Query head j reads key/value head j // (H / H_kv). Key s sits at absolute position s, query i at
     q_start + i (None: the queries are the last T keys). probs: with attn_probs, the probabilities
     (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`); else None.
     pad (B,) int: row b's first pad[b] keys are left padding, seen by no query but their own (None: none).
+    window (attention.window): query i sees keys j with i - window < j <= i (None: every earlier key).
     """
     T, S = q.shape[1], k.shape[1]
     start = S - T if q_start is None else q_start
     if attn_probs:
-        p = attention_probs(q, k, scale, start, pad)  # (B, H, T, S)
+        p = attention_probs(q, k, scale, start, pad, window)  # (B, H, T, S)
         return _weighted_values(p.astype(v.dtype), v), p
     if q_start is None and T == S and q.dtype != jnp.float64 and v.shape[-1] == q.shape[-1] and pad is None:
         # no cache: XLA's fused form, 8-12% faster forwards here, the same float32 arithmetic (logits in
         # float32 also for bfloat16, softmax in float32). It always soft-maxes in float32, so a float64
-        # model keeps the explicit path (exact float64 parity); it also needs K_v == K (MLA may differ)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla"), None
-    return _weighted_values(attention_probs(q, k, scale, start, pad).astype(v.dtype), v), None
+        # model keeps the explicit path (exact float64 parity); it also needs K_v == K (MLA may differ).
+        # A window: keys i - (window - 1) .. i, the same mask as attention_probs'
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                            implementation="xla"), None
+    return _weighted_values(attention_probs(q, k, scale, start, pad, window).astype(v.dtype), v), None
 
 
 def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.Array,
-                    pad: jax.Array | None = None) -> jax.Array:
-    """softmax(q k^T * scale) under the causal mask, (B, H, T, S) in the acc dtype (the explicit computation)."""
+                    pad: jax.Array | None = None, window: int | None = None) -> jax.Array:
+    """softmax(q k^T * scale) under the causal (and window) mask, (B, H, T, S) in the acc dtype (the explicit
+    computation)."""
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -45,11 +51,14 @@ def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.A
     scores = scores.astype(acc_dtype(scores.dtype))
     # causal mask by absolute position: query start + i sees keys 0..start + i (with a cache, start is
     # traced and keys past it hold zeros or stale rows: always masked)
-    mask = jnp.arange(S, dtype=jnp.int32)[None, :] <= (start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, S)
+    i = (start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, 1) the queries' absolute positions
+    j = jnp.arange(S, dtype=jnp.int32)[None, :]  # (1, S) the keys'
+    mask = j <= i  # (T, S)
+    if window is not None:  # attention.window: keys i - window < j <= i (a pad's own key is always inside)
+        mask = mask & (j > i - window)
     if pad is not None:  # left padding (docs/semantics.md "Padding"): keys j < pad[b] seen only by their own query
-        j = jnp.arange(S, dtype=jnp.int32)
-        own = j[None, :] == (start + jnp.arange(T, dtype=jnp.int32))[:, None]  # (T, S): a pad sees itself
-        mask = (mask & ((j >= pad[:, None])[:, None, :] | own))[:, None, None]  # (B, 1, 1, T, S)
+        own = j == i  # (T, S): a pad sees itself
+        mask = (mask & ((j >= pad[:, None, None]) | own))[:, None, None]  # (B, 1, 1, T, S)
     scores = jnp.where(mask, scores, jnp.array(-jnp.inf, dtype=scores.dtype))
     return jax.nn.softmax(scores, axis=-1).reshape(B, H, T, S)  # head n*G + g = query head j
 
@@ -86,9 +95,11 @@ class FrozenRows:
 class GQAttention(nnx.Module):
     """Grouped-query attention: query head j reads key/value head j // (H / H_kv)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, window: int | None = None, *, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
+        self.window = window  # attention.window (None: full causal)
         self.head_dim = dim // n_heads
         hd = self.head_dim
         self.wq = nnx.Linear(dim, n_heads * hd, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
@@ -116,7 +127,7 @@ class GQAttention(nnx.Module):
             k, v = cache.write(layer, start_pos, k=k, v=v)  # all S positions of the cache
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out, p = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad)
+        out, p = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad, window=self.window)
         return self.wo(out.reshape(B, T, self.n_heads * hd)), p
 
 
@@ -124,8 +135,10 @@ class MLAttention(nnx.Module):
     """Multi-head latent attention (DeepSeek-V2): low-rank q and kv, one shared RoPE key."""
 
     def __init__(self, dim: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                 qk_nope_head_dim: int, v_head_dim: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+                 qk_nope_head_dim: int, v_head_dim: int, eps: float, window: int | None = None, *, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
         self.n_heads = n_heads
+        self.window = window  # attention.window (None: full causal)
         self.kv_lora_rank = kv_lora_rank
         self.qk_rope_head_dim = qk_rope_head_dim
         self.qk_nope_head_dim = qk_nope_head_dim
@@ -169,5 +182,6 @@ class MLAttention(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_r, (B, S, H, rope))], axis=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
         # (B, T, H, vd); scale as open-mythos
-        out, p = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad)
+        out, p = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad,
+                                  window=self.window)
         return self.wo(out.reshape(B, T, H * vd)), p

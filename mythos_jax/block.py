@@ -45,9 +45,9 @@ def make_block(spec: Spec, moe: bool, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> Bl
     """A prelude/coda block (dense SwiGLU) or the looped block (MoE or dense, by spec)."""
     a, d = spec.attention, spec.dim
     if a.type == "gqa":
-        attn = GQAttention(d, a.n_heads, a.n_kv_heads, dtype=dtype, rngs=rngs)
+        attn = GQAttention(d, a.n_heads, a.n_kv_heads, a.window, dtype=dtype, rngs=rngs)
     else:
         attn = MLAttention(d, a.n_heads, a.q_lora_rank, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim,
-                           a.v_head_dim, spec.norm_eps, dtype=dtype, rngs=rngs)
+                           a.v_head_dim, spec.norm_eps, a.window, dtype=dtype, rngs=rngs)
     ffn = MoE(d, spec.moe, dtype=dtype, rngs=rngs) if moe else SwiGLU(d, spec.ffn_hidden, dtype=dtype, rngs=rngs)
     return Block(d, attn, ffn, spec.norm_eps, dtype=dtype, rngs=rngs)

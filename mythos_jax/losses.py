@@ -2,7 +2,9 @@
 
 Every term is computed in the acc dtype (float64 for a float64 model, else float32). The total is
     loss = ce + w_ponder * ponder - w_entropy * entropy + w_consistency * consistency
-with the weights of spec.loss; a term whose weight is 0 is reported in `parts` but not added.
+with the weights of spec.loss; a term whose weight is 0 is reported in `parts` but not added. Under
+halting.mode=ponder (PonderNet) ce is the expected cross-entropy sum_t P_t nll_t of the step-wise logits
+plus halting.ponder_beta * KL(P || geometric prior); under mode=last it is the output's (h_N's) cross-entropy.
 """
 
 from __future__ import annotations
@@ -26,6 +28,48 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax
     nll = -jnp.take_along_axis(logp, targets.astype(jnp.int32)[..., None], axis=-1)[..., 0]  # (B, T)
     m = jnp.asarray(mask).astype(acc)
     return (nll * m).sum() / jnp.maximum(m.sum(), 1)
+
+
+def step_nll(step_logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(step t's logits)[target] per step and position: step_logits (N, B, T, V) -> (N, B, T) acc dtype."""
+    logp = jax.nn.log_softmax(step_logits.astype(acc_dtype(step_logits.dtype)), axis=-1)  # (N, B, T, V)
+    idx = jnp.broadcast_to(targets.astype(jnp.int32)[None, ..., None], (*step_logits.shape[:-1], 1))
+    return -jnp.take_along_axis(logp, idx, axis=-1)[..., 0]
+
+
+def ponder_distribution(halt_p: jax.Array) -> jax.Array:
+    """PonderNet's halting distribution over the N steps: halt_p (N, B, T) lambda_t -> P (N, B, T).
+
+    P_t = lambda_t prod_{s<t} (1 - lambda_s) for t < N, P_N = prod_{s<N} (1 - lambda_s) (the remainder:
+    sum_t P_t = 1 in exact arithmetic).
+    """
+    survive = jnp.cumprod(1.0 - halt_p, axis=0)  # (N, B, T) prod_{s<=t} (1 - lambda_s)
+    before = jnp.concatenate([jnp.ones_like(halt_p[:1]), survive[:-1]])  # prod_{s<t} (1 - lambda_s)
+    return jnp.concatenate([halt_p[:-1] * before[:-1], before[-1:]])
+
+
+def geometric_prior(lam: float, N: int, dtype: jnp.dtype) -> jax.Array:
+    """log of the geometric prior truncated at N, (N,): lam (1 - lam)^(t-1) for t < N, (1 - lam)^(N-1) at N."""
+    t = jnp.arange(N, dtype=dtype)  # t - 1 for steps t = 1..N
+    log_q = t * jnp.log1p(-jnp.asarray(lam, dtype))
+    return jnp.where(t < N - 1, jnp.log(jnp.asarray(lam, dtype)) + log_q, log_q)
+
+
+def ponder_loss(step_logits: jax.Array, halt_p: jax.Array, targets: jax.Array, mask: jax.Array, lam: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """PonderNet's terms (rec, KL), each averaged over the positions where mask is set (scalars, acc dtype).
+
+    rec = sum_t P_t nll_t, KL = sum_t P_t (log P_t - log prior_t) with P = ponder_distribution(halt_p) and
+    the geometric prior of lam; step_logits (N, B, T, V), halt_p (N, B, T), targets, mask (B, T).
+    """
+    P = ponder_distribution(halt_p)  # (N, B, T)
+    rec = (P * step_nll(step_logits, targets)).sum(0)  # (B, T)
+    log_prior = geometric_prior(lam, P.shape[0], P.dtype)[:, None, None]
+    # P clipped at tiny before the log (a P_t that underflowed to 0 contributes 0 * finite)
+    kl = (P * (jnp.log(jnp.maximum(P, jnp.finfo(P.dtype).tiny)) - log_prior)).sum(0)  # (B, T)
+    m = jnp.asarray(mask).astype(P.dtype)
+    n = jnp.maximum(m.sum(), 1)
+    return (rec * m).sum() / n, (kl * m).sum() / n
 
 
 def ponder_cost(cum_p: jax.Array, loop_counts: jax.Array) -> jax.Array:
@@ -90,20 +134,30 @@ def total_loss(spec: Spec, out: ModelOutput, targets: jax.Array, mask: jax.Array
         mask: (B, T) bool, positions that count in the cross-entropy (answer tokens).
     Returns:
         (loss scalar, parts): parts holds "ce", "ponder", "halting_entropy" and, with a value head,
-        "consistency" (each without gradient), plus "loops" the mean loop count.
+        "consistency" (each without gradient), plus "loops" the mean loop count; under halting.mode=ponder
+        "ce" is PonderNet's expected cross-entropy and "ponder_kl" the KL to the prior (out needs step_logits).
     """
     w, tr = spec.loss, out.traces
     sg = jax.lax.stop_gradient
-    ce = cross_entropy(out.logits, targets, mask)
+    kl = None
+    if spec.halting.mode == "ponder":
+        if out.step_logits is None:
+            raise ValueError("halting.mode='ponder' trains on every step's logits: run the forward with "
+                             "step_logits=True (and early_exit=False)")
+        ce, kl = ponder_loss(out.step_logits, tr.halt_p, targets, mask, spec.halting.ponder_lambda)
+    else:
+        ce = cross_entropy(out.logits, targets, mask)
     ponder = ponder_cost(tr.cum_p, out.loop_counts)
     entropy = halting_entropy(tr.halt_p, tr.running)
-    loss = ce
+    loss = ce if kl is None else ce + spec.halting.ponder_beta * kl
     if w.ponder > 0:
         loss = loss + w.ponder * ponder
     if w.halting_entropy > 0:
         loss = loss - w.halting_entropy * entropy
     parts = {"ce": sg(ce), "ponder": sg(ponder), "halting_entropy": sg(entropy),
              "loops": _mean_loops(out.loop_counts, ce.dtype)}
+    if kl is not None:
+        parts["ponder_kl"] = sg(kl)
     if spec.value_head.enabled:
         cons = consistency(tr.value, out.values, tr.running)
         if w.consistency > 0:

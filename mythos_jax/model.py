@@ -45,6 +45,9 @@ class ModelOutput(NamedTuple):
     traces: Traces
     cache: KVCache | None = None  # the updated cache (a new pytree; forward() consumes the one passed in), or None
     values: jax.Array | None = None  # (B, T) model dtype, value head RMSNorm_f(y) w_v + b_v; None when off
+    # (N, B, T, V) model dtype, step t's logits head(norm(coda(h_t))) of the state after step t (0 at steps not
+    # run); None unless step_logits=True
+    step_logits: jax.Array | None = None
 
 
 class Mythos(nnx.Module):
@@ -73,7 +76,8 @@ class Mythos(nnx.Module):
     def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
                  force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
                  cache: KVCache | None = None, start_pos: int | jax.Array = 0, attn_probs: bool = False,
-                 no_grad_steps: int = 0, attention_mask: jax.Array | None = None) -> ModelOutput:
+                 no_grad_steps: int = 0, attention_mask: jax.Array | None = None,
+                 step_logits: bool = False) -> ModelOutput:
         """Logits, loop counts and traces for token ids (uncompiled; `forward` is the compiled call).
 
         Args:
@@ -94,10 +98,12 @@ class Mythos(nnx.Module):
                 zeros then ones, at least one 1 (docs/semantics.md "Padding"). None: no padding. With a cache
                 the prefill (start_pos 0) sets the padding, which the cache remembers (cache.pad); later
                 calls may omit the mask or pass one that agrees with it. Checked outside jit only.
+            step_logits: also return every step's logits (ModelOutput.step_logits (N, B, T, V)): the N loop
+                states stacked on the batch axis through the coda, norm and head in one pass. No cache.
         Returns:
             ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps () int32, traces,
-            cache: the updated cache, values (B, T) or None). Pads: loop count 0, never running; their logits
-            are finite and meaningless.
+            cache: the updated cache, values (B, T) or None, step_logits (N, B, T, V) or None). Pads: loop count
+            0, never running; their logits (and step logits) are finite and meaningless.
         """
         ids = self._check_ids(jnp.asarray(ids))
         N = self._check_loops(n_loops)
@@ -106,14 +112,16 @@ class Mythos(nnx.Module):
         start_pos = self._check_cache(cache, start_pos, N, B, T)
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
         pad = self._check_mask(attention_mask, cache, start_pos, B, T)
+        step_logits = _check_step_logits(step_logits, cache)
         return self._forward(ids, N, early_exit, force_halt, force_experts, cache, start_pos, bool(attn_probs),
-                             no_grad_steps, pad)
+                             no_grad_steps, pad, step_logits)
 
     def _forward(self, ids: jax.Array, N: int, early_exit: bool, force_halt: jax.Array | None,
                  force_experts: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array,
-                 attn_probs: bool = False, no_grad_steps: int = 0, pad: jax.Array | None = None) -> ModelOutput:
+                 attn_probs: bool = False, no_grad_steps: int = 0, pad: jax.Array | None = None,
+                 step_logits: bool = False) -> ModelOutput:
         """__call__ after its checks; pad (B,) or None: no padding. early_exit with a cache: honoured under
-        decode.halted_kv=freeze, ignored under compute."""
+        decode.halted_kv=freeze, ignored under compute. step_logits: no cache (checked)."""
         T = ids.shape[1]
         # absolute positions start_pos..start_pos+T-1 (with a cache start_pos may be traced: a dynamic slice)
         cos, sin = _rope(self.spec, self.rope_dtype.name)
@@ -135,26 +143,42 @@ class Mythos(nnx.Module):
         x = _constrain(self.sharding, self.embed(ids))  # (B, T, D)
         for i, block in enumerate(self.prelude):
             x = _constrain(self.sharding, block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos, pad=pad)[0])
-        y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
-                                                              cache, start_pos, attn_probs, no_grad_steps, pad)
-        for j, block in enumerate(self.coda):
-            y = _constrain(self.sharding, block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos,
-                                                pad=pad)[0])
-        y = self.norm(y)
-        if self.head is None:
-            logits = jnp.einsum("btd,vd->btv", y, self.embed.embedding[...])  # (B, T, V), tied head E^T
-        else:
-            logits = self.head(y)
+        y, counts, halted, n_steps, traces, cache, states = self.loop(
+            x, cos, sin, N, early_exit, force_halt, force_experts, cache, start_pos, attn_probs, no_grad_steps, pad,
+            step_states=step_logits)
+        logits, y = self.readout(y, cos, sin, cache=cache, layer=P + N, start_pos=start_pos, pad=pad)
         values = None if self.value_head is None else self.value_head(y)[..., 0]  # (B, T)
         if cache is not None and self.sharding is not None:  # the updated cache placed as init_cache placed it
             cache = _place_cache(self, cache, jax.lax.with_sharding_constraint)
-        return ModelOutput(logits, counts, halted, n_steps, traces, cache, values)
+        per_step = None
+        if step_logits:  # the N states (N, B, T, D) as one batch of N * B rows through the coda, norm and head
+            B = ids.shape[0]
+            tile = lambda a: a if a.ndim < 3 else jnp.tile(a, (N, 1, 1))  # per-row RoPE tables (left padding)
+            flat = self.readout(states.reshape(N * B, *states.shape[2:]), tile(cos), tile(sin),
+                                pad=None if pad is None else jnp.tile(pad, N))[0]  # (N * B, T, V)
+            run = (jnp.arange(N) < n_steps)[:, None, None, None]  # steps not run (early exit) hold 0
+            per_step = jnp.where(run, flat.reshape(N, B, *flat.shape[1:]), jnp.zeros((), flat.dtype))
+        return ModelOutput(logits, counts, halted, n_steps, traces, cache, values, per_step)
+
+    def readout(self, y: jax.Array, cos: jax.Array, sin: jax.Array, *, cache: KVCache | None = None,
+                layer: int = 0, start_pos: int | jax.Array = 0, pad: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+        """The coda (cache layers layer..), final norm and head: y (B, T, D) -> (logits (B, T, V), RMSNorm_f(coda(y)))."""
+        for j, block in enumerate(self.coda):
+            y = _constrain(self.sharding, block(y, cos, sin, cache=cache, layer=layer + j, start_pos=start_pos,
+                                                pad=pad)[0])
+        y = self.norm(y)
+        if self.head is None:
+            return jnp.einsum("btd,vd->btv", y, self.embed.embedding[...]), y  # (B, T, V), tied head E^T
+        return self.head(y), y
 
     def loop(self, e: jax.Array, cos: jax.Array, sin: jax.Array, N: int, early_exit: bool,
              force_halt: jax.Array | None, force_experts: jax.Array | None, cache: KVCache | None = None,
              start_pos: int | jax.Array = 0, attn_probs: bool = False, no_grad_steps: int | jax.Array = 0,
-             pad: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces, KVCache | None]:
-        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache.
+             pad: jax.Array | None = None, *, step_states: bool = False
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Traces, KVCache | None, jax.Array | None]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache,
+        and with step_states every step's new state h_t stacked (N, B, T, D) (steps not run: 0), else None.
 
         pad (B,): left padding; pads start not running (weight 0, loop count 0), so they never keep the loop alive.
         decode.halted_kv=freeze: positions not running keep their state and attention rows (docs/semantics.md
@@ -189,7 +213,7 @@ class Mythos(nnx.Module):
                 # the cache rides along unfrozen
                 frozen, trace = jax.tree.map(freeze, (state._replace(cache=None), trace))
                 state = frozen._replace(cache=state.cache)
-            return state, trace
+            return state, (trace, state.h) if step_states else trace
 
         if s.recurrent.checkpoint and cache is None:
             step = jax.checkpoint(step)  # recompute each loop step in the backward pass (ARCHITECTURE.md 5f)
@@ -219,14 +243,17 @@ class Mythos(nnx.Module):
                        jnp.full((B, T), jnp.inf, dtype=act),
                        None if self.value_head is None else jnp.zeros((B, T), dtype=e.dtype),
                        jnp.zeros((B, s.attention.n_heads, T, S), dtype=act) if attn_probs else None)
+        if step_states:  # the states ride beside the traces rows (a scan output, fixed buffers under early exit)
+            fills = (fills, jnp.zeros_like(e))
         # under compute with a cache every step runs (a scan), so later tokens find cache entries at every depth
         state, traces, n_steps = _run_steps(step, state, fills, N, early_exit, first=cache is not None)
+        traces, states = traces if step_states else (traces, None)
         cache = state.cache
         if halted_frozen and cache is not None:  # the skipped steps' layers n_steps..N-1: the frozen rows
             def skipped(t: jax.Array, cache: KVCache) -> KVCache:
                 return write_frozen(rec, cache, state.h, state.rows, _row_names(s), t, layer=P + t, start_pos=start_pos)
             cache = jax.lax.fori_loop(n_steps, N, skipped, cache)
-        return state.y, state.counts, state.halted, n_steps, traces, cache
+        return state.y, state.counts, state.halted, n_steps, traces, cache, states
 
     def init_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
         """An empty (zero) KVCache for `batch` sequences of up to max_len positions and n_loops loop steps.
@@ -329,6 +356,11 @@ class Mythos(nnx.Module):
         if _concrete(force_halt) and (int(force_halt.min()) < -1 or int(force_halt.max()) > N):
             raise ValueError(f"force_halt values must lie in -1..N={N} (0: never halt by threshold, -1: not forced), "
                              f"got [{int(force_halt.min())}, {int(force_halt.max())}]")
+        if self.spec.halting.mode == "last" and _concrete(force_halt) and force_halt.size and int(force_halt.max()) > 0:
+            # 0 and -1 (never halt, not forced) are what parity's replay passes: they agree with nothing halting
+            raise ValueError(f"force_halt is refused under halting.mode='last': no position halts (every one runs all "
+                             f"N={N} steps), so a forced loop count 1..N cannot be replayed; got values up to "
+                             f"{int(force_halt.max())} (only 0 or -1 are accepted)")
         return force_halt.astype(jnp.int32), force_experts
 
     def _check_mask(self, attention_mask: jax.Array | None, cache: KVCache | None, start_pos: int | jax.Array,
@@ -398,6 +430,16 @@ def _check_no_grad_steps(k: int | jax.Array, N: int) -> int | jax.Array:
     return int(k)
 
 
+def _check_step_logits(step_logits: bool, cache: KVCache | None) -> bool:
+    """step_logits as a bool, refused with a cache (a ValueError naming step_logits)."""
+    if not isinstance(step_logits, (bool, np.bool_)):
+        raise ValueError(f"step_logits={step_logits!r} must be a bool")
+    if step_logits and cache is not None:
+        raise ValueError("step_logits=True is refused with a cache: the step-wise logits run every loop state "
+                         "through the coda without one (call forward without cache=...)")
+    return bool(step_logits)
+
+
 def _row_names(spec: Spec) -> tuple[str, str]:
     """The looped attention's per-token cache rows (decode.halted_kv=freeze carries them): GQA k, v; MLA c_kv, k_r."""
     return ("k", "v") if spec.attention.type == "gqa" else ("c_kv", "k_r")
@@ -429,24 +471,26 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
     return model
 
 
-@functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit", "attn_probs", "no_grad_steps"))
+@functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit", "attn_probs", "no_grad_steps", "step_logits"))
 def _forward(model: Mythos, ids: jax.Array, n_loops: int, early_exit: bool, force_halt: jax.Array | None,
              force_experts: jax.Array | None, attn_probs: bool = False, no_grad_steps: int = 0,
-             attention_mask: jax.Array | None = None) -> ModelOutput:
-    """model(ids, ...) without a cache, compiled once per shapes, n_loops, early_exit and the two options
+             attention_mask: jax.Array | None = None, step_logits: bool = False) -> ModelOutput:
+    """model(ids, ...) without a cache, compiled once per shapes, n_loops, early_exit and the three options
     (and once more with a padding mask: None, no padding, is the program without one)."""
     TRACE_COUNTS["forward"] += 1
     return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
-                 attn_probs=attn_probs, no_grad_steps=no_grad_steps, attention_mask=attention_mask)
+                 attn_probs=attn_probs, no_grad_steps=no_grad_steps, attention_mask=attention_mask,
+                 step_logits=step_logits)
 
 
 def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
             cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-            no_grad_steps: int = 0, attention_mask: jax.Array | None = None) -> ModelOutput:
+            no_grad_steps: int = 0, attention_mask: jax.Array | None = None, step_logits: bool = False) -> ModelOutput:
     """model(ids, ...) compiled: the same call, Args and ModelOutput as Mythos.__call__ (and as the torch twin).
 
-    n_loops, early_exit, attn_probs and no_grad_steps are static (nnx.jit compiles one program per value).
+    n_loops, early_exit, attn_probs, no_grad_steps and step_logits are static (nnx.jit compiles one program
+    per value).
     early_exit=True runs a lax.while_loop that stops once no position is running, False a lax.scan over
     all N steps (differentiable); the outputs are identical. With a cache it is honoured under
     decode.halted_kv=freeze (a while_loop, then the skipped layers get the frozen rows) and ignored under
@@ -462,9 +506,13 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
     start_pos = model._check_cache(cache, start_pos, N, *ids.shape)
     no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
     pad = model._check_mask(attention_mask, cache, start_pos, *ids.shape)
+    step_logits = _check_step_logits(step_logits, cache)
     if cache is None:
         mask = None if pad is None else jnp.asarray(attention_mask).astype(jnp.int32)
-        return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(attn_probs), no_grad_steps, mask)
+        # step_logits only when asked for: the default call keeps its compiled program
+        extra = {"step_logits": True} if step_logits else {}
+        return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(attn_probs), no_grad_steps, mask,
+                        **extra)
     args = (*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts, pad)
     # attn_probs and early_exit only when not the defaults: generate omits them, and both calls must hit one
     # compiled program (early_exit matters only under decode.halted_kv=freeze)

@@ -95,6 +95,33 @@ def act_step(p: jax.Array, c: jax.Array, running: jax.Array, threshold: float, l
     return w, c, running & ~halts, halts
 
 
+def last_step(p: jax.Array, c: jax.Array, running: jax.Array, last: bool | jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step of halting.mode=last on (B, T) -> (weight, new c, still running, halts now): nothing halts,
+    the readout takes weight 1 at step N (y = h_N); c is ACT's running sum of p, traced but deciding nothing."""
+    w = jnp.where(running & last, 1.0, 0.0).astype(p.dtype)
+    c = c + jnp.where(running, p, 0.0)  # as act_step's c
+    return w, c, running, jnp.zeros_like(running)
+
+
+def ponder_step(p: jax.Array, c: jax.Array, running: jax.Array, threshold: float, last: bool | jax.Array,
+                forced: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step of halting.mode=ponder (PonderNet) on (B, T) -> (weight, new c, still running, halts now,
+    halts by its decision).
+
+    lambda_t = p; c is the cumulative halting probability C_t = c + (1 - c) * p (kept once halted); a
+    running position halts at the first C_t >= threshold, or at step N (last); weight 1 at that step (the
+    readout y = h_t, no mixture). forced as act_step's (-1 own rule, 0 continue, 1 halt).
+    """
+    c_new = c + (1.0 - c) * p  # C_t = 1 - prod_{s<=t} (1 - lambda_s)
+    decide = c_new >= threshold
+    if forced is not None:
+        decide = jnp.where(forced < 0, decide, forced > 0)
+    halts = running & (decide | last)
+    w = jnp.where(halts, 1.0, 0.0).astype(p.dtype)
+    return w, jnp.where(running, c_new, c), running & ~halts, halts, halts & decide
+
+
 class StepOut(NamedTuple):
     """What one loop step returns (RecurrentBlock)."""
     h: jax.Array  # (B, T, D) the new state
@@ -131,6 +158,7 @@ class RecurrentBlock(nnx.Module):
         self.block = block
         self.lora = LoRA(d, r.lora_rank, r.max_loop_iters, dtype=dtype, rngs=rngs) if r.lora_rank > 0 else None
         self.injection = LTIInjection(d, dtype=dtype, rngs=rngs)
+        self.block_residual = r.block_residual
         self.act = ACT(d, spec.halting.head, spec.halting.mlp_hidden, dtype=dtype, rngs=rngs)
         cl, cp = r.cross_loop_attention, r.compressor
         self.cross_loop = CrossLoopAttention(d, cl.n_heads, eps, dtype=dtype, rngs=rngs) if cl.enabled else None
@@ -166,6 +194,8 @@ class RecurrentBlock(nnx.Module):
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
                                      attn_probs=attn_probs, pad=pad, frozen=frozen)
+        if not self.block_residual:  # recurrent.block_residual=false: the block's updates without its input
+            o = o - n
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
@@ -210,15 +240,23 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: jax.Array, e: jax.Array,
     summaries = out.summaries
     # force_halt: s in 1..N halts at step s, 0 never by threshold, -1 by the position's own rule (act_step's)
     forced = None if force_halt is None else jnp.where(force_halt < 0, -1, (force_halt == t + 1).astype(jnp.int32))
-    w, c_new, still, halts = act_step(p, c, running, halting.threshold, (halting.remainder == "graves") & last, forced)
-    if halting.straight_through:
-        # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
-        # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
-        hard = halts | (still & last)
-        w = w + jax.lax.stop_gradient(hard.astype(w.dtype) - w)
+    if halting.mode == "last":  # every position runs all N steps, y = h_N (force_halt forces nothing: model.py)
+        w, c_new, still, halts = last_step(p, c, running, last)
+        decided = halts
+    elif halting.mode == "ponder":  # y = h_t at the halting step; halted: by C_t >= threshold, not by N
+        w, c_new, still, halts, decided = ponder_step(p, c, running, halting.threshold, last, forced)
+    else:
+        w, c_new, still, halts = act_step(p, c, running, halting.threshold, (halting.remainder == "graves") & last,
+                                          forced)
+        decided = halts
+        if halting.straight_through:
+            # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
+            # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
+            hard = halts | (still & last)
+            w = w + jax.lax.stop_gradient(hard.astype(w.dtype) - w)
     y = y + w.astype(h.dtype)[..., None] * h
     counts = jnp.where(halts, t + 1, counts)
-    halted = halted | halts
+    halted = halted | decided
     B, T, _ = h.shape
     acc = acc_dtype(h.dtype)
     if out.route is None:  # a dense FFN routes nothing: k = 0 experts, margin +inf

@@ -102,6 +102,8 @@ def _step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, spec: Spec, 
         model = nnx.merge(graphdef, params, rest)
         # no_grad_steps is passed only when used, so plain training runs on models without the keyword
         extra = {"no_grad_steps": no_grad_steps} if no_grad_steps else {}
+        if spec.halting.mode == "ponder":  # PonderNet's loss reads every step's logits
+            extra["step_logits"] = True
         out = model(ids, n_loops, early_exit=False, **extra)  # lax.scan: differentiable
         loss, parts = total_loss(spec, out, targets, mask)
         ffn = model.recurrent.block.ffn

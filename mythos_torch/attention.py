@@ -11,7 +11,7 @@ from .layers import RMSNorm, acc_dtype, apply_rope
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int | None = None,
-                     *, attn_probs: bool = False, pad: torch.Tensor | None = None
+                     *, attn_probs: bool = False, pad: torch.Tensor | None = None, window: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(q k^T * scale, causal) v; q (B,T,H,K), k (B,S,H_kv,K), v (B,S,H_kv,K_v) -> (out (B,T,H,K_v), probs).
 
@@ -19,17 +19,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     q_start + i (None: the queries are the last T keys). probs: with attn_probs the probabilities
     (B, H, T, S) in the acc dtype, 0 at masked keys (computed by `attention_probs`); else None.
     pad (B,) int: row b's first pad[b] keys are left padding, seen by no query but their own (None: none).
+    window (attention.window): query i sees keys j with i - window < j <= i (None: every earlier key).
     """
     T, S = q.shape[1], k.shape[1]
     start = S - T if q_start is None else q_start
+    if window is not None and isinstance(start, int) and window >= start + T:
+        window = None  # every query's window reaches key 0: the plain causal mask (and its fast paths)
     if attn_probs:
-        p = attention_probs(q, k, scale, start, pad)  # (B, H, T, S)
+        p = attention_probs(q, k, scale, start, pad, window)  # (B, H, T, S)
         return _weighted_values(p.to(v.dtype), v), p
     # one fused kernel (softmax in float32 for bfloat16, float64 stays float64); enable_gqa: query
     # head j reads kv head j // (H / H_kv), no repeated keys
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, K), (B, H_kv, S, K)
     if pad is not None:  # left padding: a per-row mask (B, 1, T, S), built only when some row is padded
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_causal_mask(T, S, start, q.device, pad)[:, None],
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_causal_mask(T, S, start, q.device, pad,
+                                                                                window)[:, None],
+                                             scale=scale, enable_gqa=True)
+    elif window is not None:  # a sliding window: the explicit (T, S) mask, never the is_causal fast path
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_causal_mask(T, S, start, q.device, None, window),
                                              scale=scale, enable_gqa=True)
     elif start == 0 and T == S:  # no cache: the plain causal mask
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
@@ -41,20 +48,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.transpose(1, 2), None  # (B, T, H, K_v)
 
 
-def _causal_mask(T: int, S: int, start: int, device: torch.device, pad: torch.Tensor | None = None) -> torch.Tensor:
-    """(T, S) bool, True where query start + i sees key j (j <= start + i); with pad (B,): (B, T, S), and
-    row b's keys j < pad[b] seen only by their own query (docs/semantics.md "Padding")."""
-    mask = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+def _causal_mask(T: int, S: int, start: int, device: torch.device, pad: torch.Tensor | None = None,
+                 window: int | None = None) -> torch.Tensor:
+    """(T, S) bool, True where query start + i sees key j (j <= start + i; with a window also
+    j > start + i - window, docs/semantics.md "Readout modes, NoPE and the attention window"); with pad (B,):
+    (B, T, S), and row b's keys j < pad[b] seen only by their own query (docs/semantics.md "Padding")."""
+    i = torch.arange(start, start + T, device=device)[:, None]  # (T, 1) the queries' absolute positions
+    j = torch.arange(S, device=device)[None, :]  # (1, S) the keys'
+    mask = j <= i  # (T, S)
+    if window is not None:  # a pad's own key is always inside its window
+        mask = mask & (j > i - window)
     if pad is None:
         return mask
-    j = torch.arange(S, device=device)
-    own = j[None, :] == torch.arange(start, start + T, device=device)[:, None]  # (T, S): a pad sees itself
-    return mask & ((j >= pad[:, None])[:, None, :] | own)  # (B, T, S)
+    own = j == i  # (T, S): a pad sees itself
+    return mask & ((j >= pad[:, None, None]) | own)  # (B, T, S)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, start: int,
-                    pad: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) under the causal mask, (B, H, T, S) in the acc dtype (the explicit computation)."""
+                    pad: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) under the causal (and window) mask, (B, H, T, S) in the acc dtype (the explicit
+    computation)."""
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -64,7 +77,9 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, start: int,
     # softmax in float32 for bfloat16 (both twins)
     scores = scores.to(acc_dtype(scores.dtype)).view(B, Hkv, G, T, S)
     if pad is not None:  # (B, 1, 1, T, S) broadcast
-        scores = scores.masked_fill(~_causal_mask(T, S, start, q.device, pad)[:, None, None], float("-inf"))
+        scores = scores.masked_fill(~_causal_mask(T, S, start, q.device, pad, window)[:, None, None], float("-inf"))
+    elif window is not None:
+        scores = scores.masked_fill(~_causal_mask(T, S, start, q.device, None, window), float("-inf"))
     elif T > 1 or start != S - 1:  # one query at the last key sees every key: nothing to mask
         scores = scores.masked_fill(~_causal_mask(T, S, start, q.device), float("-inf"))  # (T, S) broadcast
     return torch.softmax(scores, dim=-1).view(B, H, T, S)  # head n*G + g = query head j
@@ -102,10 +117,11 @@ class FrozenRows:
 class GQAttention(nn.Module):
     """Grouped-query attention: query head j reads key/value head j // (H / H_kv)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, *, dtype: torch.dtype):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, window: int | None = None, *, dtype: torch.dtype):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
+        self.window = window  # attention.window (None: full causal)
         self.head_dim = dim // n_heads
         hd = self.head_dim
         self.wq = nn.Linear(dim, n_heads * hd, bias=False, dtype=dtype)
@@ -125,14 +141,14 @@ class GQAttention(nn.Module):
         # -1 heads: under tensor parallelism (sharding.py) wq/wk/wv give this rank's heads only
         q, k, v = self.wq(x).view(B, T, -1, hd), self.wk(x).view(B, T, -1, hd), self.wv(x).view(B, T, -1, hd)
         H, Hkv = q.shape[2], k.shape[2]
-        q, k = apply_rope(torch.cat([q, k], dim=2), cos, sin).split([H, Hkv], dim=2)  # (B, T, H, K), (B, S, H_kv, K)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, H, K), (B, S, H_kv, K); no cat/split copies
         if frozen is not None:
             k, v = frozen.select(k, v)
         if cache is not None:
             k, v = cache.write(layer, start_pos, k=k, v=v)  # positions 0..start_pos+T-1
         q_start = None if cache is None else start_pos
         # head j uses kv head j // (H / H_kv); hd**-0.5 as open-mythos (not always == 1/sqrt(hd))
-        out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad)
+        out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad, window=self.window)
         return self.wo(out.reshape(B, T, H * hd)), probs
 
 
@@ -140,9 +156,11 @@ class MLAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2): low-rank q and kv, one shared RoPE key."""
 
     def __init__(self, dim: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                 qk_nope_head_dim: int, v_head_dim: int, eps: float, *, dtype: torch.dtype):
+                 qk_nope_head_dim: int, v_head_dim: int, eps: float, window: int | None = None, *,
+                 dtype: torch.dtype):
         super().__init__()
         self.n_heads = n_heads
+        self.window = window  # attention.window (None: full causal)
         self.kv_lora_rank = kv_lora_rank
         self.qk_rope_head_dim = qk_rope_head_dim
         self.qk_nope_head_dim = qk_nope_head_dim
@@ -183,5 +201,6 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_r[:, :, :1].expand(B, S, H, rope)], dim=-1)  # (B, S, H, nope + rope)
         q_start = None if cache is None else start_pos
         # (B, T, H, vd); scale as open-mythos
-        out, probs = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad)
+        out, probs = causal_attention(q, k, v, (nope + rope) ** -0.5, q_start, attn_probs=attn_probs, pad=pad,
+                                      window=self.window)
         return self.wo(out.reshape(B, T, H * vd)), probs

@@ -2,7 +2,9 @@
 
 Every term is computed in the acc dtype (float64 for a float64 model, else float32). The total is
     loss = ce + w_ponder * ponder - w_entropy * entropy + w_consistency * consistency
-with the weights of spec.loss; a term whose weight is 0 is reported in `parts` but not added.
+with the weights of spec.loss; a term whose weight is 0 is reported in `parts` but not added. Under
+halting.mode=ponder (PonderNet) ce is the expected cross-entropy sum_t P_t nll_t of the step-wise logits
+plus halting.ponder_beta * KL(P || geometric prior); under mode=last it is the output's (h_N's) cross-entropy.
 
 Data parallel (`group`, the batch ranks of a sharded model: sharding.batch_group): each rank holds its rows
 of the batch, and every mean takes the global denominator (the count all-reduced over the group) times the
@@ -35,6 +37,51 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     if group is not None:
         return _global_mean((nll * m).sum(), m.sum(), group)
     return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def step_nll(step_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(step t's logits)[target] per step and position: step_logits (N, B, T, V) -> (N, B, T) acc dtype."""
+    logp = torch.log_softmax(step_logits.to(acc_dtype(step_logits.dtype)), dim=-1)  # (N, B, T, V)
+    idx = targets.long()[None, ..., None].expand(*step_logits.shape[:-1], 1)
+    return -logp.gather(-1, idx)[..., 0]
+
+
+def ponder_distribution(halt_p: torch.Tensor) -> torch.Tensor:
+    """PonderNet's halting distribution over the N steps: halt_p (N, B, T) lambda_t -> P (N, B, T).
+
+    P_t = lambda_t prod_{s<t} (1 - lambda_s) for t < N, P_N = prod_{s<N} (1 - lambda_s) (the remainder:
+    sum_t P_t = 1 in exact arithmetic).
+    """
+    survive = torch.cumprod(1.0 - halt_p, dim=0)  # (N, B, T) prod_{s<=t} (1 - lambda_s)
+    before = torch.cat([torch.ones_like(halt_p[:1]), survive[:-1]])  # prod_{s<t} (1 - lambda_s)
+    return torch.cat([halt_p[:-1] * before[:-1], before[-1:]])
+
+
+def geometric_prior(lam: float, N: int, dtype: torch.dtype) -> torch.Tensor:
+    """log of the geometric prior truncated at N, (N,): lam (1 - lam)^(t-1) for t < N, (1 - lam)^(N-1) at N."""
+    t = torch.arange(N, dtype=dtype)  # t - 1 for steps t = 1..N
+    log_q = t * torch.log1p(-torch.tensor(lam, dtype=dtype))
+    return torch.where(t < N - 1, torch.log(torch.tensor(lam, dtype=dtype)) + log_q, log_q)
+
+
+def ponder_loss(step_logits: torch.Tensor, halt_p: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                lam: float, *, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PonderNet's terms (rec, KL), each averaged over the positions where mask is set (scalars, acc dtype).
+
+    rec = sum_t P_t nll_t, KL = sum_t P_t (log P_t - log prior_t) with P = ponder_distribution(halt_p) and
+    the geometric prior of lam; step_logits (N, B, T, V), halt_p (N, B, T), targets, mask (B, T). group: the
+    batch ranks (module docstring).
+    """
+    P = ponder_distribution(halt_p)  # (N, B, T)
+    rec = (P * step_nll(step_logits, targets)).sum(0)  # (B, T)
+    log_prior = geometric_prior(lam, P.shape[0], P.dtype).to(P.device)[:, None, None]
+    # P clipped at tiny before the log (a P_t that underflowed to 0 contributes 0 * finite)
+    kl = (P * (torch.log(P.clamp(min=torch.finfo(P.dtype).tiny)) - log_prior)).sum(0)  # (B, T)
+    m = mask.to(P.dtype)
+    if group is not None:
+        return _global_mean((rec * m).sum(), m.sum(), group), _global_mean((kl * m).sum(), m.sum(), group)
+    n = m.sum().clamp(min=1)
+    return (rec * m).sum() / n, (kl * m).sum() / n
 
 
 def ponder_cost(cum_p: torch.Tensor, loop_counts: torch.Tensor, *,
@@ -122,19 +169,29 @@ def total_loss(spec: Spec, out: ModelOutput, targets: torch.Tensor, mask: torch.
             rank's share of the global mean times the ranks, so that the ranks' average is the global value.
     Returns:
         (loss scalar, parts): parts holds "ce", "ponder", "halting_entropy" and, with a value head,
-        "consistency" (each detached), plus "loops" the mean loop count.
+        "consistency" (each detached), plus "loops" the mean loop count; under halting.mode=ponder "ce" is
+        PonderNet's expected cross-entropy and "ponder_kl" the KL to the prior (out needs step_logits).
     """
     w, tr = spec.loss, out.traces
-    ce = cross_entropy(out.logits, targets, mask, group=group)
+    kl = None
+    if spec.halting.mode == "ponder":
+        if out.step_logits is None:
+            raise ValueError("halting.mode='ponder' trains on every step's logits: run the forward with "
+                             "step_logits=True (and early_exit=False)")
+        ce, kl = ponder_loss(out.step_logits, tr.halt_p, targets, mask, spec.halting.ponder_lambda, group=group)
+    else:
+        ce = cross_entropy(out.logits, targets, mask, group=group)
     ponder = ponder_cost(tr.cum_p, out.loop_counts, group=group)
     entropy = halting_entropy(tr.halt_p, tr.running, group=group)
-    loss = ce
+    loss = ce if kl is None else ce + spec.halting.ponder_beta * kl
     if w.ponder > 0:
         loss = loss + w.ponder * ponder
     if w.halting_entropy > 0:
         loss = loss - w.halting_entropy * entropy
     parts = {"ce": ce.detach(), "ponder": ponder.detach(), "halting_entropy": entropy.detach(),
              "loops": _mean_loops(out.loop_counts, ce.dtype, group)}
+    if kl is not None:
+        parts["ponder_kl"] = kl.detach()
     if spec.value_head.enabled:
         cons = consistency(tr.value, out.values, tr.running, group=group)
         if w.consistency > 0:

@@ -46,6 +46,9 @@ class ModelOutput(NamedTuple):
     traces: Traces
     cache: KVCache | None = None  # the cache after this call (the same object, updated in place), or None
     values: torch.Tensor | None = None  # (B, T) model dtype, value head RMSNorm_f(y) w_v + b_v; None when off
+    # (N, B, T, V) model dtype, step t's logits head(norm(coda(h_t))) of the state after step t (0 at steps not
+    # run); None unless step_logits=True
+    step_logits: torch.Tensor | None = None
 
 
 class Mythos(nn.Module):
@@ -80,7 +83,8 @@ class Mythos(nn.Module):
     def forward(self, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
                 force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-                no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None,
+                step_logits: bool = False) -> ModelOutput:
         """Logits, loop counts and traces for token ids.
 
         Args:
@@ -100,9 +104,12 @@ class Mythos(nn.Module):
                 zeros then ones, at least one 1 (docs/semantics.md "Padding"). None: no padding. With a cache
                 the prefill (start_pos 0) sets the padding, which the cache remembers (cache.pad); later
                 calls may omit the mask or pass one that agrees with it.
+            step_logits: also return every step's logits (ModelOutput.step_logits (N, B, T, V)): the N loop
+                states stacked on the batch axis through the coda, norm and head in one pass. No cache.
         Returns:
             ModelOutput(logits (B, T, V), loop_counts (B, T) int32, halted (B, T) bool, n_steps, traces, cache,
-            values (B, T) or None). Pads: loop count 0, never running; their logits are finite and meaningless.
+            values (B, T) or None, step_logits (N, B, T, V) or None). Pads: loop count 0, never running; their
+            logits (and step logits) are finite and meaningless.
         """
         ids = self._check_ids(ids)
         N = self._check_loops(n_loops)
@@ -111,14 +118,17 @@ class Mythos(nn.Module):
         start_pos = self._check_cache(cache, start_pos, N, B, T)
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
         pad = self._check_mask(attention_mask, cache, start_pos, B, T)
+        step_logits = _check_step_logits(step_logits, cache)
         return self._forward(ids, N, early_exit, force_halt, force_experts, cache, start_pos, bool(attn_probs),
-                             no_grad_steps, pad)
+                             no_grad_steps, pad, step_logits)
 
     def _forward(self, ids: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
                  force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int,
-                 attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None) -> ModelOutput:
+                 attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None,
+                 step_logits: bool = False) -> ModelOutput:
         """forward after its checks (generate's decode steps call it directly); pad (B,) or None: no padding.
-        early_exit with a cache: honoured under decode.halted_kv=freeze, ignored under compute."""
+        early_exit with a cache: honoured under decode.halted_kv=freeze, ignored under compute. step_logits:
+        no cache (checked)."""
         T = ids.shape[1]
         if pad is None:  # absolute positions start_pos..start_pos+T-1
             cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
@@ -134,20 +144,38 @@ class Mythos(nn.Module):
         x = self.embed(ids)  # (B, T, D)
         for i, block in enumerate(self.prelude):
             x, _, _ = block(x, cos, sin, cache=cache, layer=i, start_pos=start_pos, pad=pad)
-        y, counts, halted, n_steps, traces, cache = self.loop(x, cos, sin, N, early_exit, force_halt, force_experts,
-                                                              cache, start_pos, attn_probs, no_grad_steps, pad)
-        for j, block in enumerate(self.coda):
-            y, _, _ = block(y, cos, sin, cache=cache, layer=P + N + j, start_pos=start_pos, pad=pad)
-        y = self.norm(y)
-        logits = F.linear(y, self.embed.weight) if self.head is None else self.head(y)  # (B, T, V)
+        y, counts, halted, n_steps, traces, cache, states = self.loop(
+            x, cos, sin, N, early_exit, force_halt, force_experts, cache, start_pos, attn_probs, no_grad_steps, pad,
+            step_states=step_logits)
+        logits, y = self.readout(y, cos, sin, cache=cache, layer=P + N, start_pos=start_pos, pad=pad)
         values = None if self.value_head is None else self.value_head(y).squeeze(-1)  # (B, T)
-        return ModelOutput(logits, counts, halted, n_steps, traces, cache, values)
+        per_step = None
+        if step_logits:  # the N states (N, B, T, D) as one batch of N * B rows through the coda, norm and head
+            B = ids.shape[0]
+            tile = (lambda a: a) if cos.dim() < 3 else (lambda a: a.repeat(N, 1, 1))  # per-row RoPE (left padding)
+            flat = self.readout(states.reshape(N * B, *states.shape[2:]), tile(cos), tile(sin),
+                                pad=None if pad is None else pad.repeat(N))[0]  # (N * B, T, V)
+            run = (torch.arange(N, device=ids.device) < n_steps)[:, None, None, None]  # steps not run hold 0
+            per_step = torch.where(run, flat.view(N, B, *flat.shape[1:]), torch.zeros((), dtype=flat.dtype,
+                                                                                       device=flat.device))
+        return ModelOutput(logits, counts, halted, n_steps, traces, cache, values, per_step)
+
+    def readout(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None = None,
+                layer: int = 0, start_pos: int = 0, pad: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coda (cache layers layer..), final norm and head: y (B, T, D) -> (logits (B, T, V), RMSNorm_f(coda(y)))."""
+        for j, block in enumerate(self.coda):
+            y, _, _ = block(y, cos, sin, cache=cache, layer=layer + j, start_pos=start_pos, pad=pad)
+        y = self.norm(y)
+        return (F.linear(y, self.embed.weight) if self.head is None else self.head(y)), y  # (B, T, V)
 
     def loop(self, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, N: int, early_exit: bool,
              force_halt: torch.Tensor | None, force_experts: torch.Tensor | None, cache: KVCache | None = None,
-             start_pos: int = 0, attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces, KVCache | None]:
-        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache.
+             start_pos: int = 0, attn_probs: bool = False, no_grad_steps: int = 0, pad: torch.Tensor | None = None,
+             *, step_states: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Traces, KVCache | None, torch.Tensor | None]:
+        """The recurrent loop with ACT (sections 3-4): e (B, T, D) -> y, loop counts, halted, n_steps, traces, cache,
+        and with step_states every step's new state h_t stacked (N, B, T, D) (steps not run: 0), else None.
 
         pad (B,): left padding; pads start not running (weight 0, loop count 0), so they never keep the loop alive.
         decode.halted_kv=freeze: positions not running keep their state and attention rows (docs/semantics.md
@@ -181,9 +209,13 @@ class Mythos(nn.Module):
             if self.sharding is not None:  # torch.while_loop compiles its body: no FSDP hooks, DTensors, collectives
                 raise ValueError('loop_form="while" (one torch.while_loop, for torch.export / ONNX) does not run on a '
                                  'sharded model (sharding.shard); use loop_form="for" (the default)')
-            return self._loop_while(state, e, rows, cos, sin, N, early_exit, force_halt, force_experts, attn_probs,
-                                    no_grad_steps, value, pad, halted_frozen)
+            if step_states:
+                raise ValueError('step_logits=True runs with loop_form="for" (the default); loop_form="while" is '
+                                 'for torch.export / ONNX')
+            return (*self._loop_while(state, e, rows, cos, sin, N, early_exit, force_halt, force_experts, attn_probs,
+                                      no_grad_steps, value, pad, halted_frozen), None)
         steps: list[tuple[torch.Tensor | None, ...]] = []
+        states: list[torch.Tensor] = []  # step_states: h_t after each step
         for t in range(N):
             fx = None if force_experts is None else force_experts[t]
             args = (rec, state, t, e, rows[t], cos, sin, fx, force_halt)
@@ -197,6 +229,8 @@ class Mythos(nn.Module):
                 else:
                     state, trace = loop_step(*args, **kw)
             steps.append(trace)
+            if step_states:
+                states.append(state.h)
             # under compute with a cache every step runs, so later tokens find cache entries at every depth;
             # sharded, every rank runs until no position of any batch shard is running (the same collectives)
             if early_exit and not any_running(self.sharding, state.running):
@@ -207,7 +241,8 @@ class Mythos(nn.Module):
         fills = (0, 0, 0, False, -1, float("inf"), 0, 0)
         traces = Traces(*(None if col[0] is None else _stack_steps(list(col), N, fill)
                           for col, fill in zip(zip(*steps), fills)))
-        return state.y, state.counts, state.halted, len(steps), traces, state.cache
+        stacked = _stack_steps(states, N, 0) if step_states else None
+        return state.y, state.counts, state.halted, len(steps), traces, state.cache, stacked
 
     def _loop_while(self, state: LoopState, e: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
@@ -363,6 +398,11 @@ class Mythos(nn.Module):
         if _concrete() and (int(force_halt.min()) < -1 or int(force_halt.max()) > N):
             raise ValueError(f"force_halt values must lie in -1..N={N} (0: never halt by threshold, -1: not "
                              f"forced), got [{int(force_halt.min())}, {int(force_halt.max())}]")
+        if self.spec.halting.mode == "last" and _concrete() and force_halt.numel() and int(force_halt.max()) > 0:
+            # 0 and -1 (never halt, not forced) are what parity's replay passes: they agree with nothing halting
+            raise ValueError(f"force_halt is refused under halting.mode='last': no position halts (every one runs all "
+                             f"N={N} steps), so a forced loop count 1..N cannot be replayed; got values up to "
+                             f"{int(force_halt.max())} (only 0 or -1 are accepted)")
         return force_halt, force_experts
 
     def _check_mask(self, attention_mask: torch.Tensor | None, cache: KVCache | None, start_pos: int, B: int,
@@ -425,6 +465,16 @@ def _check_no_grad_steps(k: int, N: int) -> int:
     return int(k)
 
 
+def _check_step_logits(step_logits: bool, cache: KVCache | None) -> bool:
+    """step_logits as a bool, refused with a cache (a ValueError naming step_logits)."""
+    if not isinstance(step_logits, (bool, np.bool_)):
+        raise ValueError(f"step_logits={step_logits!r} must be a bool")
+    if step_logits and cache is not None:
+        raise ValueError("step_logits=True is refused with a cache: the step-wise logits run every loop state "
+                         "through the coda without one (call forward without cache=...)")
+    return bool(step_logits)
+
+
 def _row_names(spec: Spec) -> tuple[str, str]:
     """The looped attention's per-token cache rows (decode.halted_kv=freeze carries them): GQA k, v; MLA c_kv, k_r."""
     return ("k", "v") if spec.attention.type == "gqa" else ("c_kv", "k_r")
@@ -449,8 +499,9 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
 def forward(model: Mythos, ids: torch.Tensor, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
             cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-            no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+            no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None,
+            step_logits: bool = False) -> ModelOutput:
     """model(ids, ...): the same call as the JAX twin's compiled forward."""
     return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
                  cache=cache, start_pos=start_pos, attn_probs=attn_probs, no_grad_steps=no_grad_steps,
-                 attention_mask=attention_mask)
+                 attention_mask=attention_mask, step_logits=step_logits)

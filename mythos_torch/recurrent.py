@@ -99,6 +99,35 @@ def act_step(p: torch.Tensor, c: torch.Tensor, running: torch.Tensor, threshold:
     return w, c, running & ~halts, halts
 
 
+def last_step(p: torch.Tensor, c: torch.Tensor, running: torch.Tensor, last: bool | torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of halting.mode=last on (B, T) -> (weight, new c, still running, halts now): nothing halts,
+    the readout takes weight 1 at step N (y = h_N); c is ACT's running sum of p, traced but deciding nothing."""
+    w = torch.where(running & last, 1.0, 0.0).to(p.dtype)
+    c = torch.where(running, c + p, c)  # act_step's c (the same sums)
+    # a copy: torch.while_loop (the loop_form="while" carry) refuses an output aliasing its input
+    return w, c, running.clone(), torch.zeros_like(running)
+
+
+def ponder_step(p: torch.Tensor, c: torch.Tensor, running: torch.Tensor, threshold: float, last: bool | torch.Tensor,
+                forced: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of halting.mode=ponder (PonderNet) on (B, T) -> (weight, new c, still running, halts now,
+    halts by its decision).
+
+    lambda_t = p; c is the cumulative halting probability C_t = c + (1 - c) * p (kept once halted); a
+    running position halts at the first C_t >= threshold, or at step N (last); weight 1 at that step (the
+    readout y = h_t, no mixture). forced (B, T) int (replay of force_halt): -1 own rule, 0 continue, 1 halt.
+    """
+    c_new = c + (1.0 - c) * p  # C_t = 1 - prod_{s<=t} (1 - lambda_s)
+    decide = c_new >= threshold
+    if forced is not None:
+        decide = torch.where(forced < 0, decide, forced > 0)
+    halts = running & (decide | last)
+    w = torch.where(halts, 1.0, 0.0).to(p.dtype)
+    return w, torch.where(running, c_new, c), running & ~halts, halts, halts & decide
+
+
 class StepOut(NamedTuple):
     """What one loop step returns (RecurrentBlock)."""
     h: torch.Tensor  # (B, T, D) the new state
@@ -136,6 +165,7 @@ class RecurrentBlock(nn.Module):
         self.block = block
         self.lora = LoRA(d, r.lora_rank, r.max_loop_iters, dtype=dtype) if r.lora_rank > 0 else None
         self.injection = LTIInjection(d, dtype=dtype)
+        self.block_residual = r.block_residual
         self.act = ACT(d, spec.halting.head, spec.halting.mlp_hidden, dtype=dtype)
         cl, cp = r.cross_loop_attention, r.compressor
         self.cross_loop = CrossLoopAttention(d, cl.n_heads, eps, dtype=dtype) if cl.enabled else None
@@ -171,6 +201,8 @@ class RecurrentBlock(nn.Module):
         n = self.norm(x + e)  # (h + emb) + e, open-mythos' association
         o, route, probs = self.block(n, cos, sin, force_idx, cache=cache, layer=layer, start_pos=start_pos,
                                      attn_probs=attn_probs, pad=pad, frozen=frozen)
+        if not self.block_residual:  # recurrent.block_residual=false: the block's updates without its input
+            o = o - n
         if self.lora is not None:
             o = o + self.lora(o, t)
         if self.memory_gate is None:
@@ -218,16 +250,25 @@ def loop_step(rec: RecurrentBlock, state: LoopState, t: int | torch.Tensor, e: t
             memory = tuple(torch.cat([m[:t + 1], x[None], m[t + 2:]]) for m, x in zip(memory, out.entry))
     summaries = out.summaries
     # force_halt: s in 1..N halts at step s, 0 never by threshold, -1 by the position's own threshold decision
-    forced = None if force_halt is None else (force_halt == t + 1) | ((force_halt < 0) & (c + p >= halting.threshold))
-    w, c_new, still, halts = act_step(p, c, running, halting.threshold, (halting.remainder == "graves") & last, forced)
-    if halting.straight_through:
-        # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
-        # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
-        hard = halts | (still & last)
-        w = w + (hard.to(w.dtype) - w).detach()
+    if halting.mode == "last":  # every position runs all N steps, y = h_N (force_halt forces nothing: model.py)
+        w, c_new, still, halts = last_step(p, c, running, last)
+        decided = halts
+    elif halting.mode == "ponder":  # y = h_t at the halting step; halted: by C_t >= threshold, not by N
+        forced = None if force_halt is None else torch.where(force_halt < 0, -1, (force_halt == t + 1).long())
+        w, c_new, still, halts, decided = ponder_step(p, c, running, halting.threshold, last, forced)
+    else:
+        forced = None if force_halt is None else (force_halt == t + 1) | ((force_halt < 0) & (c + p >= halting.threshold))
+        graves = (halting.remainder == "graves") & last
+        w, c_new, still, halts = act_step(p, c, running, halting.threshold, graves, forced)
+        decided = halts
+        if halting.straight_through:
+            # forward: weight 1 at the step where the position halts (its loop count), 0 elsewhere;
+            # backward: the soft ACT weights (w_soft + sg(w_hard - w_soft))
+            hard = halts | (still & last)
+            w = w + (hard.to(w.dtype) - w).detach()
     y = y + w.to(h.dtype)[..., None] * h
     counts = torch.where(halts, t + 1, counts)
-    halted = halted | halts
+    halted = halted | decided
     B, T, _ = h.shape
     acc = acc_dtype(h.dtype)
     if out.route is None:  # a dense FFN routes nothing: k = 0 experts, margin +inf

@@ -92,6 +92,8 @@ def train_step(tr: Trainer, ids: np.ndarray | torch.Tensor, targets: np.ndarray 
     mask = torch.as_tensor(mask, device=dev)
     # no_grad_steps is passed only when used, so plain training runs on models without the keyword
     extra = {"no_grad_steps": no_grad_steps} if no_grad_steps else {}
+    if model.spec.halting.mode == "ponder":  # PonderNet's loss reads every step's logits
+        extra["step_logits"] = True
     out = model(ids, n_loops, early_exit=False, **extra)
     ranks = batch_group(model.sharding)  # None unless the batch is split over ranks
     loss, parts = total_loss(model.spec, out, targets, mask, group=ranks)

@@ -76,6 +76,7 @@ RANGES: dict[str, Range] = {
     "attention.qk_rope_head_dim": Range(1, 4096),
     "attention.qk_nope_head_dim": Range(1, 4096),
     "attention.v_head_dim": Range(1, 4096),
+    "attention.window": Range(1, 2**24),
     "recurrent.max_loop_iters": Range(1, 1024),
     "recurrent.loop_embedding.dim": Range(2, 2**16),
     "recurrent.loop_embedding.theta": Range(1, 1e12, lo_open=True),
@@ -93,6 +94,8 @@ RANGES: dict[str, Range] = {
     "moe.bias_update_rate": Range(0, 1),
     "halting.threshold": Range(0, 1, lo_open=True),
     "halting.mlp_hidden": Range(1, 2**20),
+    "halting.ponder_lambda": Range(0, 1, lo_open=True, hi_open=True),
+    "halting.ponder_beta": Range(0, 1000),
     "loss.ponder": Range(0, 1000),
     "loss.halting_entropy": Range(0, 1000),
     "loss.consistency": Range(0, 1000),
@@ -114,6 +117,8 @@ class AttentionSpec:
     qk_rope_head_dim: int = 16
     qk_nope_head_dim: int = 16
     v_head_dim: int = 32
+    rope: bool = True  # False = NoPE: rope_table gives cos = 1, sin = 0 (the identity rotation) everywhere
+    window: int | None = None  # causal sliding window: query i sees keys j with i - window < j <= i; None = all
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,10 @@ class RecurrentSpec:
     compressor: CompressorSpec = field(default_factory=CompressorSpec)
     memory_gate: MemoryGateSpec = field(default_factory=MemoryGateSpec)
     checkpoint: bool = False  # recompute each loop step in the backward pass (5f); same gradients
+    # the update h' = A*h + B*e + o takes o = the looped block's output, its residual input n = RMSNorm(h~ + e)
+    # included (open-mythos); False: o = block(n) - n, the attention and FFN updates only (the recurrence of
+    # looped transformers that extrapolate in depth, docs/semantics.md "Readout modes, NoPE and the window")
+    block_residual: bool = True
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,12 @@ class HaltingSpec:
     head: Literal["linear", "mlp"] = "linear"
     mlp_hidden: int = 64  # head=mlp only
     straight_through: bool = False  # forward uses hard weights 1[t == count], backward the soft ACT weights
+    # readout (docs/semantics.md "Readout modes, NoPE and the attention window"): act = ACT's mixture of
+    # states; last = the state after step n_loops (no position halts); ponder = PonderNet (hard readout at
+    # the first step with C_t >= threshold, training loss sum_t P_t nll_t + ponder_beta KL(P || geometric))
+    mode: Literal["act", "last", "ponder"] = "act"
+    ponder_lambda: float = 0.2  # the geometric prior's per-step halting probability, in (0, 1)
+    ponder_beta: float = 0.01  # weight of KL(P || prior) in the ponder training loss, >= 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +280,7 @@ SEMANTICS_FIXED: dict[str, dict[str, object]] = {
         "halting.head": "linear",
         "recurrent.ffn": "moe",
         "recurrent.injection": "lti",
+        "recurrent.block_residual": True,
         "recurrent.loop_embedding.enabled": True,
         "recurrent.loop_embedding.dim": None,
         "recurrent.loop_embedding.theta": 10000.0,
@@ -277,6 +293,10 @@ SEMANTICS_FIXED: dict[str, dict[str, object]] = {
         "halting.straight_through": False,
         "value_head.enabled": False,
         "decode.halted_kv": "compute",  # open-mythos runs every position at every step
+        # the science knobs of issue #14 are not in open-mythos 0.5
+        "attention.rope": True,
+        "attention.window": None,
+        "halting.mode": "act",
     },
     "mythos": {},
 }
@@ -672,6 +692,10 @@ def validate(s: Spec) -> None:
     need(s.semantics != "openmythos-0.5" or s.decode.halted_kv == "compute",
          f"decode.halted_kv={s.decode.halted_kv!r} conflicts with semantics=openmythos-0.5 "
          "(which fixes it to 'compute')")
+    for path, value in (("attention.rope", a.rope), ("attention.window", a.window), ("halting.mode", h.mode)):
+        want = SEMANTICS_FIXED["openmythos-0.5"][path]
+        need(s.semantics != "openmythos-0.5" or value == want,
+             f"{path}={value!r} conflicts with semantics=openmythos-0.5 (which fixes it to {want!r})")
     need(s.loss.consistency == 0 or s.value_head.enabled,
          f"loss.consistency={s.loss.consistency} needs value_head.enabled=true (the loss compares value-head outputs)")
 

@@ -13,9 +13,18 @@ from .schema import Spec
 
 
 def rope_table(s: Spec, n_pos: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)`` of shape (n_pos, rope_dim // 2) for positions 0..n_pos-1 (default max_seq_len)."""
+    """``(cos, sin)`` of shape (n_pos, rope_dim // 2) for positions 0..n_pos-1 (default max_seq_len).
+
+    ``attention.rope: false`` (NoPE) gives cos = 1, sin = 0 at every position: the rotation
+    ``x cos - y sin, x sin + y cos`` is then exactly the identity, so every attention layer (prelude,
+    loop, coda; GQA q/k, MLA q_rope/k_r), the KV caches, paged decoding and ONNX export run without
+    positions in both twins with no twin code of their own.
+    """
     n = s.max_seq_len if n_pos is None else n_pos
     d = s.rope_dim
+    if not s.attention.rope:
+        dt = np.float32 if s.semantics == "openmythos-0.5" else np.float64
+        return np.ones((n, d // 2), dtype=dt), np.zeros((n, d // 2), dtype=dt)
     if s.semantics == "openmythos-0.5":
         # float32 frequencies and angles, as open-mythos' precompute_rope_freqs
         f32 = np.float32

@@ -67,8 +67,9 @@ MUTATIONS: list[Mutation] = [
              "dense SwiGLU uses GELU instead of SiLU"),
     # ------------------------------------------------------------------ attention
     Mutation("t-attn-scale-1pct", "torch", "attention.py",
-             "out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad)",
-             "out, probs = causal_attention(q, k, v, hd**-0.5 * 1.01, q_start, attn_probs=attn_probs, pad=pad)",
+             "out, probs = causal_attention(q, k, v, hd**-0.5, q_start, attn_probs=attn_probs, pad=pad, window=self.window)",
+             "out, probs = causal_attention(q, k, v, hd**-0.5 * 1.01, q_start, attn_probs=attn_probs, pad=pad, "
+             "window=self.window)",
              "GQA attention scale 1% too large", needs="gqa"),
     Mutation("t-causal-mask-off-by-one", "torch", "attention.py",
              "out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)",
@@ -226,8 +227,8 @@ MUTATIONS: list[Mutation] = [
              "c = c + p",
              "ACT: cumulative halting keeps adding p at halted positions"),
     Mutation("t-act-no-graves-remainder", "torch", "recurrent.py",
-             'act_step(p, c, running, halting.threshold, (halting.remainder == "graves") & last, forced)',
-             "act_step(p, c, running, halting.threshold, False, forced)",
+             'graves = (halting.remainder == "graves") & last',
+             "graves = False",
              "ACT: no Graves remainder at the last step (never-halted weights sum below 1)"),
     Mutation("j-act-halt-strict", "jax", "recurrent.py",
              "decide = c + p >= threshold",

@@ -304,10 +304,10 @@ def _jax_abstract(s: S.Spec, dtype: str):
 
 def test_model_output_fields_and_cache_default():
     # the same fields in the same order in both twins; the fields added after the first release
-    # (cache, values) come last, so positional unpacking of the first five keeps working
+    # (cache, values, step_logits) come last, so positional unpacking of the first five keeps working
     assert mt.ModelOutput._fields == mj.ModelOutput._fields
     assert mt.ModelOutput._fields[:5] == ("logits", "loop_counts", "halted", "n_steps", "traces")
-    assert mt.ModelOutput._fields[5:] == ("cache", "values")
+    assert mt.ModelOutput._fields[5:] == ("cache", "values", "step_logits")
     with torch.no_grad():
         assert model("torch", "gqa", "float64")(torch.from_numpy(ids_for(0, 3))).cache is None
 
