@@ -21,6 +21,7 @@ from weights_bridge import backends
 
 from .load import LoadError, check_choice, check_output_dir, check_output_file, is_weights_file, load_model, resolve
 from .train import TrainDiverged, train_command  # mythos/train.py imports torch/jax only when it runs
+from .eval_task import eval_task_command  # likewise: torch/jax only when it runs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mythos: one looped transformer, two frameworks, proven equal.")
 # a pipe gets a wide table rather than rich's 80-column default
@@ -628,6 +629,7 @@ def _print_check(r) -> None:
 
 
 app.command("train")(clear_errors(train_command))
+app.command("eval-task")(clear_errors(eval_task_command))  # mythos/eval_task.py (issue #14)
 
 
 @app.command("eval")

@@ -11,11 +11,16 @@ answer positions only (`mask`); exact match = every answer position of an exampl
 | `pointer` | M edge tokens "x->f(x)" of a random permutation f of M nodes, shuffled; a start node s; d query tokens | query j: f^j(s) (k-hop pointer chasing, one hop per query) |
 | `modadd` | d digits in 0..p-1 separated by "+", then "=" | after digit j (at its "+", or "="): the sum of digits 1..j mod p; the last answer is the whole sum |
 | `parity` | d bits, then "=" | at "=": their parity (XOR) |
+| `pparity` | BOS, then d bits (tokens 0 and 1) | at bit i: the parity of bits 1..i (prefix parity, one answer per bit; exact match = all d right) |
 
     >>> from mythos.tasks import get_task, make_batch
     >>> task = get_task("pointer")                       # 8 nodes: vocab 74
     >>> b = make_batch(task, seed=0, step=0, batch_size=4, difficulty=(1, 4))   # hops drawn in 1..4 per row
     >>> b.ids.shape, b.targets.shape, b.mask.shape       # (4, T) each, T = task.seq_len(4)
+
+`pparity` is the depth task (issue #14): answer i needs the parity of i bits, so a model whose attention
+sees a bounded window must carry it along one step per position (its difficulty is depth, not length).
+`position_accuracy` scores answer index j (the j-th answer of a row) over the rows that have one.
 """
 
 from __future__ import annotations
@@ -122,12 +127,40 @@ class BitParity:
         return ids, targets
 
 
-Task = PointerChase | ModularAddition | BitParity
-TASKS: dict[str, type] = {"pointer": PointerChase, "modadd": ModularAddition, "parity": BitParity}
+@dataclass(frozen=True)
+class PrefixParity:
+    """Prefix parity: BOS then d random bits; after bit i, the parity of bits 1..i; difficulty = bits d."""
+    name: str = "pparity"
+
+    @property
+    def vocab_size(self) -> int:
+        return 4  # 0, 1, BOS, pad
+
+    @property
+    def bos_id(self) -> int:
+        return 2
+
+    @property
+    def pad_id(self) -> int:
+        return 3
+
+    def seq_len(self, difficulty: int) -> int:
+        return difficulty + 1
+
+    def example(self, rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray]:
+        bits = rng.integers(0, 2, d)
+        ids = np.concatenate([[self.bos_id], bits])
+        targets = np.concatenate([[-1], np.cumsum(bits) % 2])  # at bit i (position i): parity of bits 1..i
+        return ids, targets
+
+
+Task = PointerChase | ModularAddition | BitParity | PrefixParity
+TASKS: dict[str, type] = {"pointer": PointerChase, "modadd": ModularAddition, "parity": BitParity,
+                          "pparity": PrefixParity}
 
 
 def get_task(name: str) -> Task:
-    """A task by name (`pointer`, `modadd`, `parity`), with its default parameters."""
+    """A task by name (`pointer`, `modadd`, `parity`, `pparity`), with its default parameters."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     return TASKS[name]()
@@ -181,3 +214,30 @@ def exact_match(predictions: np.ndarray, batch: Batch) -> np.ndarray:
     """(B,) bool: every answer position of the row predicted right (predictions (B, T) int: argmax of the logits)."""
     right = (np.asarray(predictions) == batch.targets) | ~batch.mask
     return right.all(axis=1)
+
+
+def answer_index(mask: np.ndarray) -> np.ndarray:
+    """(B, T) int: j of the j-th answer position of its row (0-based, in order), -1 off the answers."""
+    mask = np.asarray(mask, dtype=bool)
+    return np.where(mask, np.cumsum(mask, axis=-1) - 1, -1)
+
+
+def position_accuracy(predictions: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Accuracy at answer index j over the rows that have a j-th answer.
+
+    Args:
+        predictions: (..., B, T) int (argmax of the logits; leading axes e.g. the inference step N).
+        targets, mask: (B, T), as in a Batch.
+    Returns:
+        (..., J) float64, J = the most answers of any row; entry j = (right j-th answers) / (rows with one).
+    """
+    predictions, targets, mask = np.asarray(predictions), np.asarray(targets), np.asarray(mask, dtype=bool)
+    if predictions.shape[-2:] != targets.shape or targets.shape != mask.shape:
+        raise ValueError(f"predictions {predictions.shape} must end in targets/mask's shape {targets.shape} "
+                         f"(mask {mask.shape})")
+    j = answer_index(mask)
+    J = int(j.max(initial=-1)) + 1
+    onehot = (j[..., None] == np.arange(J)).astype(np.float64)  # (B, T, J)
+    right = (predictions == targets) & mask  # (..., B, T)
+    hits = np.einsum("...bt,btj->...j", right.astype(np.float64), onehot)
+    return hits / np.maximum(onehot.sum(axis=(0, 1)), 1.0)

@@ -94,12 +94,19 @@ def check_run(run: Run, task: Task) -> None:
     if cfg.seed < 0:
         raise TrainError(f"seed={cfg.seed} must be >= 0")
     try:
-        for name in ("loops_min", "loops_max", "bptt"):
+        for name in ("loops_min", "loops_max", "bptt", "progressive_k"):
             value = getattr(cfg, name)
             if value is not None:
                 S.check_loops(s, value, what=name)
+        if cfg.loop_plan == "difficulty":  # the longest batch: d = high, plus every extra step
+            S.check_loops(s, run.difficulty[1] + cfg.loops_extra, what="difficulty high + loops_extra")
     except S.SpecError as e:
         raise TrainError(str(e)) from None
+    most = {"random": cfg.loops_max, "difficulty": run.difficulty[1] + cfg.loops_extra}.get(cfg.loop_plan,
+                                                                                            s.recurrent.max_loop_iters)
+    if cfg.progressive_k is not None and cfg.progressive_k > most:
+        raise TrainError(f"progressive_k={cfg.progressive_k} must be <= the most loop steps loop_plan "
+                         f"{cfg.loop_plan!r} runs ({most}); a batch of N steps takes the gradient of min(k, N)")
     if s.vocab_size < task.vocab_size:
         raise TrainError(f"task {task.name} needs vocab_size >= {task.vocab_size}, the spec has vocab_size="
                          f"{s.vocab_size} (--set vocab_size={task.vocab_size})")
@@ -200,6 +207,10 @@ def load_checkpoint(path: Path, run: Run, lay: Layout = Layout()):
     if theirs != run.spec:
         diffs.append(f"spec: the checkpoint's spec differs ({_spec_diff(theirs, run.spec)})")
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    try:  # a checkpoint written before a field existed (loop_plan, loops_extra, progressive_k): its defaults
+        config = TrainConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError):
+        pass  # not a config we can read: the comparison below names what differs
     cfg_diff = sorted(k for k in want["config"] if config.get(k) != want["config"][k])
     if cfg_diff:
         diffs.append("config: " + ", ".join(f"{k} checkpoint {config.get(k)!r} vs {want['config'][k]!r}"
@@ -324,6 +335,14 @@ def _jax_finite_fn():
     return jax.jit(lambda leaves: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])))
 
 
+def step_batch(run: Run, task: Task, step: int):
+    """(Batch, n_loops, no_grad_steps) of training step `step`: the loop plan first (loop_plan 'difficulty'
+    draws the batch's one difficulty), then the data; the same in both twins and on resume."""
+    plan = loop_plan(run.cfg, run.spec, step, run.difficulty)
+    d = run.difficulty if plan.difficulty is None else (plan.difficulty, plan.difficulty)
+    return make_batch(task, run.cfg.seed, step, run.cfg.batch_size, d), plan.n_loops, plan.no_grad_steps
+
+
 def gradient_norms(backend: str, model, ids: np.ndarray, targets: np.ndarray, mask: np.ndarray, n_loops: int,
                    no_grad_steps: int = 0) -> dict[str, float]:
     """L2 norm of each parameter's gradient of the total loss on one batch (the optimizer is not touched).
@@ -368,11 +387,9 @@ def _worst_gradients(run: Run, out: Path | None, task: Task, step: int) -> str:
         tr = load_checkpoint(found[-1][1], run) if found else new_trainer(run)
         train_mod = _train_module(run.backend)
         while tr.step < step:
-            b = make_batch(task, run.cfg.seed, tr.step, run.cfg.batch_size, run.difficulty)
-            n, k = loop_plan(run.cfg, run.spec, tr.step)
+            b, n, k = step_batch(run, task, tr.step)
             train_mod.train_step(tr, b.ids, b.targets, b.mask, n, k)
-        b = make_batch(task, run.cfg.seed, step, run.cfg.batch_size, run.difficulty)
-        n, k = loop_plan(run.cfg, run.spec, step)
+        b, n, k = step_batch(run, task, step)
         norms = gradient_norms(run.backend, tr.model, b.ids, b.targets, b.mask, n, k)
         weights = {p: float(np.abs(backends.widen(a)).max(initial=0.0))
                    for p, a in backends.twin(run.backend).dump_arrays(tr.model).items()}
@@ -465,8 +482,7 @@ def train(run: Run, out: Path | None, *, checkpoint_every: int = 0, resume: bool
     try:
         while tr.step < end:
             step = tr.step
-            b = make_batch(task, cfg.seed, step, cfg.batch_size, run.difficulty)
-            n, k = loop_plan(cfg, run.spec, step)
+            b, n, k = step_batch(run, task, step)
             t0 = time.perf_counter()
             r = train_mod.train_step(tr, *local_rows(run.backend, tr.model, b.ids, b.targets, b.mask), n, k)
             dt = time.perf_counter() - t0
@@ -517,9 +533,26 @@ def evaluate(backend: str, model, task: Task, difficulty: int, n_loops: int, *, 
 # --------------------------------------------------------------------------- the command
 
 
+FLAGS = {"loop_plan": "--loop-plan", "loops_extra": "--loops-extra", "progressive_k": "--progressive-k",
+         "loops_min": "--loops-min", "loops_max": "--loops-max", "batch_size": "--batch-size", "warmup_steps": "--warmup",
+         "min_lr_ratio": "--min-lr-ratio", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip",
+         "bptt": "--bptt", "difficulty high": "--difficulty high"}
+
+
+def _as_flags(message: str) -> str:
+    """A TrainConfig / check_run message in the command line's words: loops_extra=-1 -> --loops-extra=-1."""
+    import re
+
+    message = message.removeprefix("TrainConfig: ")
+    for field, flag in FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(field)}\b", flag, message)
+    return message
+
+
 def train_command(
     spec_source: str = typer.Argument(..., metavar="SPEC", help="preset name or spec .yaml"),
-    task: str = typer.Option("modadd", help="modadd | pointer | parity (mythos/tasks.py; modadd is the validated one, docs/results.md)"),
+    task: str = typer.Option("modadd", help="modadd | pointer | parity | pparity (mythos/tasks.py; modadd is "
+                             "the validated one, docs/results.md; pparity the depth task of issue #14)"),
     difficulty: str = typer.Option("1-4", help="training difficulty: d, or a range lo-hi drawn per row"),
     backend: str = typer.Option("torch", help="torch | jax"),
     steps: int = typer.Option(1000, min=1, help="optimizer steps of the whole run"),
@@ -532,6 +565,11 @@ def train_command(
     loops_min: Optional[int] = typer.Option(None, "--loops-min", help="draw the loop count per batch in [min, max]"),
     loops_max: Optional[int] = typer.Option(None, "--loops-max"),
     bptt: Optional[int] = typer.Option(None, help="backpropagate through the last BPTT loop steps only"),
+    loop_plan_: Optional[str] = typer.Option(None, "--loop-plan", help="fixed | random | difficulty | progressive "
+                                             "(spec/training.py; default: fixed, or random with --loops-min)"),
+    loops_extra: int = typer.Option(0, "--loops-extra", help="--loop-plan difficulty: n_loops = d + U{0..K}"),
+    progressive_k: Optional[int] = typer.Option(None, "--progressive-k", help="DeepThinking: U{0..N-K} loop steps "
+                                                "without gradient, then K with (any plan; replaces --bptt)"),
     seed: int = typer.Option(0, min=0, help="seed of the weights, data and loop draws"),
     dtype: str = typer.Option("float32", help="float32 | float64 | bfloat16"),
     out: Optional[Path] = typer.Option(None, help="run directory: checkpoints and log.jsonl"),
@@ -561,9 +599,13 @@ def train_command(
     # every check first: a bad --eval-loops must not cost a whole training run (raised errors: mythos/cli.py)
     overrides = dict(S.parse_override(x) for x in set_)
     s = S.load(spec_source, overrides=overrides)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup,
-                      weight_decay=weight_decay, grad_clip=grad_clip, loops_min=loops_min, loops_max=loops_max,
-                      bptt=bptt, seed=seed, dtype=dtype)
+    try:
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup,
+                          weight_decay=weight_decay, grad_clip=grad_clip, loops_min=loops_min, loops_max=loops_max,
+                          bptt=bptt, seed=seed, dtype=dtype, loop_plan=loop_plan_, loops_extra=loops_extra,
+                          progressive_k=progressive_k)
+    except ValueError as e:
+        raise TrainError(_as_flags(str(e))) from None
     try:
         for flag, value in (("--loops-min", loops_min), ("--loops-max", loops_max), ("--bptt", bptt),
                             ("--eval-loops", eval_loops)):
@@ -573,7 +615,10 @@ def train_command(
         raise TrainError(str(e)) from None
     run = Run(s, cfg, task, parse_difficulty(difficulty), backend)
     the_task = get_task(task)
-    check_run(run, the_task)
+    try:
+        check_run(run, the_task)
+    except TrainError as e:
+        raise TrainError(_as_flags(str(e))) from None
     try:
         lay = scale.layout(backend, s, mesh, strategy, batch_size)
     except scale.LayoutError as e:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mythos.tasks import ModularAddition, PointerChase, exact_match, get_task, make_batch, parse_difficulty
+from mythos.tasks import (ModularAddition, PointerChase, answer_index, exact_match, get_task, make_batch,
+                          parse_difficulty, position_accuracy)
 
-TASKS = ["pointer", "modadd", "parity"]
+TASKS = ["pointer", "modadd", "parity", "pparity"]
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -92,3 +93,44 @@ def test_parse_difficulty():
             parse_difficulty(bad)
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         get_task("nope")
+
+
+def test_pparity_answers_are_prefix_parities():
+    task = get_task("pparity")
+    assert task.vocab_size == 4 and task.seq_len(20) == 21
+    b = make_batch(task, 5, 1, 64, (1, 12))
+    for ids, tgt, mask, d in zip(b.ids, b.targets, b.mask, b.difficulty):
+        d = int(d)
+        assert ids[0] == task.bos_id and not mask[0]
+        bits = [int(x) for x in ids[1:d + 1]]
+        assert set(bits) <= {0, 1} and (ids[d + 1:] == task.pad_id).all()
+        assert mask[1:d + 1].all() and mask.sum() == d  # one answer per bit, none on BOS or pads
+        running = 0
+        for i, bit in enumerate(bits, start=1):  # an independent loop, not cumsum
+            running ^= bit
+            assert tgt[i] == running, (i, bits)
+    # not a constant: both answers occur at every position that has rows
+    assert set(b.targets[:, 6][b.mask[:, 6]].tolist()) == {0, 1}
+
+
+def test_position_accuracy_scores_the_jth_answer_over_rows_that_have_it():
+    task = get_task("pparity")
+    b = make_batch(task, 0, 3, 8, (2, 4))
+    j = answer_index(b.mask)
+    assert (j[~b.mask] == -1).all() and all(sorted(r[r >= 0].tolist()) == list(range(int(d)))
+                                            for r, d in zip(j, b.difficulty))
+    pred = b.targets.copy()
+    np.testing.assert_array_equal(position_accuracy(pred, b.targets, b.mask), np.ones(int(b.difficulty.max())))
+    # wrong at the last answer of every row: index j is wrong in the rows whose last answer it is
+    last = np.array([int(d) - 1 for d in b.difficulty])
+    pred[np.arange(8), last + 1] ^= 1
+    acc = position_accuracy(pred, b.targets, b.mask)
+    for jj in range(int(b.difficulty.max())):
+        has = b.difficulty > jj
+        assert acc[jj] == pytest.approx(1 - (last[has] == jj).mean())
+    assert not exact_match(pred, b).any()
+    # leading axes: a stack of predictions is scored step by step
+    both = np.stack([b.targets, pred])
+    np.testing.assert_array_equal(position_accuracy(both, b.targets, b.mask)[1], acc)
+    with pytest.raises(ValueError, match="predictions"):
+        position_accuracy(pred[:, :-1], b.targets, b.mask)

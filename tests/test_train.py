@@ -39,7 +39,7 @@ def batches(cfg: TrainConfig, steps: range):
     task = get_task(TASK)
     for step in steps:
         b = make_batch(task, cfg.seed, step, cfg.batch_size, DIFFICULTY)
-        yield b, loop_plan(cfg, SPEC, step)
+        yield b, loop_plan(cfg, SPEC, step)[:2]  # (n_loops, no_grad_steps); per-row difficulties
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
