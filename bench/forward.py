@@ -1,7 +1,7 @@
 """Forward and forward+backward speed: open-mythos 0.5.0 vs the torch twin vs the JAX twin (vs ONNX Runtime, forward only).
 
     .venv/bin/python bench/forward.py                       # all three presets, 9 timed rounds
-    .venv/bin/python bench/forward.py --quick               # smoke run: small inputs, 2 repeats
+    .venv/bin/python bench/forward.py --quick               # smoke run (< 1 min): bench-s-gqa, 1 x 64 tokens, 1 round
     .venv/bin/python bench/forward.py --presets bench-m-moe64 --repeats 7 --json out.json
 
 One process, one set of weights per preset: open-mythos' own model is built (seeded), its halting
@@ -20,6 +20,13 @@ graph (weights_bridge.onnx_backend: ACT's early exit as one ONNX Loop) in onnxru
 bench.common.TORCH_THREADS intra-op threads, the same weights and ids: forward and halt@2 only (a
 runtime has no backward); its export time is reported beside JAX's compile time. See
 docs/benchmarks.md for what each column means.
+
+Issue 18, in the same rounds: the bfloat16 forwards (open-mythos under torch.autocast, both twins built
+in bfloat16), the forward with ACT as configured (open-mythos' own seeded halting head, a third copy),
+the twins' forward with force_halt = k (k = 1..N: ACT linearity, fitted, with the halt@2 check), and
+after the rounds the roofline of this forward (bench/roofline.py: every GEMM shape timed alone in each
+framework and dtype, plus the non-GEMM memory traffic at a measured copy bandwidth), printed as
+roofline / time beside the ratios to open-mythos.
 """
 
 from __future__ import annotations
@@ -68,6 +75,19 @@ class PresetResult:
     # CPU cores used by other processes during each timed call, keyed like the times ("fwd/torch")
     foreign: dict[str, list[float]] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # 1-minute load average at the start and after each round
+    # issue 18: bfloat16 forwards (open-mythos under torch.autocast, the twins built in bfloat16), all N steps
+    fwd16: dict[str, list[float]] = field(default_factory=dict)
+    max_dlogit16: dict[str, float] = field(default_factory=dict)  # bf16 logits vs open-mythos fp32, / max |logit|
+    # ACT as configured: open-mythos' own seeded halting head (no override), forward; steps each ran
+    act: dict[str, list[float]] = field(default_factory=dict)
+    act_steps: dict[str, int] = field(default_factory=dict)
+    # ACT linearity: the twins' forward with force_halt = k everywhere (early exit after step k), "torch/3"
+    lin: dict[str, list[float]] = field(default_factory=dict)
+    # roofline (bench/roofline.py) per "framework/dtype": fixed, step, total seconds and their parts
+    roof: dict[str, dict[str, float]] = field(default_factory=dict)
+    bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s of a large copy, per framework
+    roof_foreign: float = 0.0  # CPU cores other processes used while the roofline was measured
+    gemm_times: dict[str, dict[str, float]] = field(default_factory=dict)  # "torch/float32" -> {"b,m,k,n": s}
 
 
 # --------------------------------------------------------------------------- the three models
@@ -84,6 +104,7 @@ class Case:
 
         self.name, self.batch, self.tokens = name, batch, tokens
         om = C.build_open_mythos(name)
+        om_nat = copy.deepcopy(om)  # ACT as configured: open-mythos' own seeded halting head
         C.set_halting(om, C.NEVER_HALT_BIAS)
         om2 = copy.deepcopy(om)
         C.set_halting(om2, C.HALT_AT_2_BIAS)
@@ -91,12 +112,22 @@ class Case:
         self.pt, self.pt2 = C.import_twin(om, "torch"), C.import_twin(om2, "torch")
         self.jx, self.jx2 = C.import_twin(om, "jax"), C.import_twin(om2, "jax")
         self.spec = self.pt.spec
+        # issue 18: ACT as configured, and the bfloat16 twins (the same weights, cast by build)
+        import mythos_torch as mt
+
+        self.om_nat, self.pt_nat, self.jx_nat = om_nat, C.import_twin(om_nat, "torch"), C.import_twin(om_nat, "jax")
+        arrays = mt.dump_arrays(self.pt)
+        self.pt16 = mt.build(self.spec, 0, "bfloat16", arrays)
+        self.jx16 = mj.build(self.spec, 0, "bfloat16", arrays)
         ids = C.make_ids(self.spec.vocab_size, batch, tokens)
         self.ids_np = ids
         self.ids_pt = torch.from_numpy(ids)
         self.ids_jx = jax.numpy.asarray(ids, dtype=jax.numpy.int32)
         self.targets_pt = torch.roll(self.ids_pt, -1, dims=1)  # next-token targets (wrapped: the cost is the same)
         self.targets_jx = jax.numpy.roll(self.ids_jx, -1, axis=1)
+        # force_halt = k at every position: the loop exits after step k (ACT linearity), k = 1..N_LOOPS
+        self.halt_pt = {k: torch.full((batch, tokens), k, dtype=torch.int64) for k in range(1, N_LOOPS + 1)}
+        self.halt_jx = {k: jax.numpy.full((batch, tokens), k, dtype=jax.numpy.int32) for k in range(1, N_LOOPS + 1)}
         self._mj = mj
         self._jax_step = None
         self.ox = self.ox2 = None
@@ -124,6 +155,24 @@ class Case:
 
     def jx_fwd(self, model=None) -> object:
         out = self._mj.forward(model or self.jx, self.ids_jx, N_LOOPS)
+        out.logits.block_until_ready()
+        return out
+
+    def om_fwd16(self) -> object:
+        """open-mythos under torch.autocast(bfloat16): its matmuls in bf16, the rest as autocast decides."""
+        import torch
+
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.om(self.ids_pt, n_loops=N_LOOPS)
+
+    def pt_forced(self, k: int) -> object:
+        import torch
+
+        with torch.no_grad():
+            return self.pt(self.ids_pt, N_LOOPS, force_halt=self.halt_pt[k])
+
+    def jx_forced(self, k: int) -> object:
+        out = self._mj.forward(self.jx, self.ids_jx, N_LOOPS, force_halt=self.halt_jx[k])
         out.logits.block_until_ready()
         return out
 
@@ -215,7 +264,7 @@ def om_steps(case: Case, model) -> int:
 
 
 def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memory: bool, progress,
-            task, onnx: bool = True) -> PresetResult:
+            task, onnx: bool = True, quick: bool = False) -> PresetResult:
     """Build, check and time one preset (progress: a rich Progress advanced once per timed call)."""
     r = PresetResult(name, batch, tokens, spec_lib.flops_per_token(spec_lib.preset(name), tokens, N_LOOPS)["total"])
     r.load.append(os.getloadavg()[0])
@@ -246,6 +295,8 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
         r.steps["onnx"] = out_ox.n_steps
         r.max_dlogit["onnx"] = float(np.abs(out_ox.logits.astype(np.float64) - ref).max())
         r.act2_steps["onnx"] = case.ox_fwd(case.ox2).n_steps
+    progress.update(task, description=f"{name}: checking bfloat16, ACT as configured, forced halting")
+    check_extra(case, r, ref)
     for impl, n in r.steps.items():
         if n != N_LOOPS:
             raise RuntimeError(f"{name}: {impl} ran {n} loop steps, expected {N_LOOPS} (the halting override failed)")
@@ -264,6 +315,7 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
     if case.ox is not None:
         calls[3:3] = [(r.fwd, "onnx", case.ox_fwd)]
         calls[7:7] = [(r.act2, "onnx", lambda: case.ox_fwd(case.ox2))]
+    calls += extra_calls(case, r)
     for rnd in range(warmup + repeats):
         timed = rnd >= warmup
         label = f"round {rnd - warmup + 1}/{repeats}" if timed else f"warmup {rnd + 1}/{warmup}"
@@ -287,12 +339,68 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
             r.mem_fwdbwd[impl], _ = C.peak_rss_delta(fb)
         if case.ox is not None:
             r.mem_fwd["onnx"], _ = C.peak_rss_delta(case.ox_fwd)
+    progress.update(task, description=f"{name}: roofline (GEMM shapes, bandwidth)")
+    measure_roofline(case, r, 5 if quick else 20, 64 if quick else 256)
     r.load.append(os.getloadavg()[0])
     return r
 
 
+def check_extra(case: Case, r: PresetResult, ref: np.ndarray) -> None:
+    """Steps and logits of the issue-18 variants: bf16 (all N steps), ACT as configured, force_halt = k."""
+    out = {"open-mythos": case.om_fwd16().float().double().numpy()}
+    o_pt, o_jx = case.pt_fwd(case.pt16), case.jx_fwd(case.jx16)
+    out["torch"], out["jax"] = o_pt.logits.float().double().numpy(), np.asarray(o_jx.logits, np.float64)
+    scale = float(np.abs(ref).max())  # relative: the logits of a random-init model are tiny
+    r.max_dlogit16 = {k: float(np.abs(v - ref).max()) / scale for k, v in out.items()}
+    for impl, n in (("open-mythos autocast", C.om_steps(case.om, case.om_fwd16)), ("torch bfloat16", o_pt.n_steps),
+                    ("jax bfloat16", o_jx.n_steps)):
+        if int(n) != N_LOOPS:
+            raise RuntimeError(f"{case.name}: {impl} ran {int(n)} loop steps, expected {N_LOOPS}")
+    r.act_steps = {"open-mythos": om_steps(case, case.om_nat), "torch": int(case.pt_fwd(case.pt_nat).n_steps),
+                   "jax": int(case.jx_fwd(case.jx_nat).n_steps)}
+    for k in (1, 2, N_LOOPS):
+        for impl, fn in (("torch", case.pt_forced), ("jax", case.jx_forced)):
+            n = int(fn(k).n_steps)
+            if n != k:
+                raise RuntimeError(f"{case.name}: {impl} with force_halt={k} ran {n} steps, expected {k}")
+
+
+def extra_calls(case: Case, r: PresetResult) -> list[tuple[dict, str, Callable[[], object]]]:
+    """The issue-18 measurements, timed in the same rounds as the others (so ratios stay paired)."""
+    calls = [(r.fwd16, "open-mythos", case.om_fwd16), (r.fwd16, "torch", lambda: case.pt_fwd(case.pt16)),
+             (r.fwd16, "jax", lambda: case.jx_fwd(case.jx16)),
+             (r.act, "open-mythos", lambda: case.om_fwd(case.om_nat)), (r.act, "torch", lambda: case.pt_fwd(case.pt_nat)),
+             (r.act, "jax", lambda: case.jx_fwd(case.jx_nat))]
+    for k in range(1, N_LOOPS + 1):
+        calls += [(r.lin, f"torch/{k}", lambda k=k: case.pt_forced(k)), (r.lin, f"jax/{k}", lambda k=k: case.jx_forced(k))]
+    return calls
+
+
+def measure_roofline(case: Case, r: PresetResult, repeats: int, mib: int) -> None:
+    """The roofline of this forward (bench/roofline.py) per framework and dtype, measured now."""
+    from bench import roofline as R
+
+    gemms, traffic = R.gemms_and_traffic(case.spec, case.batch, case.tokens)
+    # the enumeration against spec.flops_per_token (an independent count): the same FLOPs, or it is wrong
+    want = spec_lib.flops_per_token(case.spec, case.tokens, N_LOOPS)["total"] * case.batch * case.tokens
+    got = sum(g.flops * (N_LOOPS if g.part == "step" else 1) for g in gemms)
+    if abs(got - want) > 0.02 * want:
+        raise RuntimeError(f"{case.name}: roofline GEMMs hold {got:.3e} FLOPs, spec.flops_per_token {want:.3e}")
+    busy0, own0 = C.cpu_seconds()
+    t0 = time.perf_counter()
+    r.bandwidth = {"torch": R.torch_bandwidth(mib), "jax": R.jax_bandwidth(mib)}
+    for fw, timer in (("torch", R.time_gemms_torch), ("jax", R.time_gemms_jax)):
+        for dtype in ("float32", "bfloat16"):
+            times = timer(gemms, dtype, repeats)
+            r.gemm_times[f"{fw}/{dtype}"] = {",".join(map(str, k)): v for k, v in times.items()}
+            r.roof[f"{fw}/{dtype}"] = R.roofline(gemms, traffic, times, r.bandwidth[fw], dtype, N_LOOPS)
+    busy1, own1 = C.cpu_seconds()
+    r.roof_foreign = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - t0))
+
+
 def _label(store: dict, r: PresetResult) -> str:
-    names = {id(r.fwd): "fwd", id(r.act2): "fwd (halt at 2)", id(r.fwdbwd): "fwd+bwd", id(r.ceiling): "matmul"}
+    names = {id(r.fwd): "fwd", id(r.act2): "fwd (halt at 2)", id(r.fwdbwd): "fwd+bwd", id(r.ceiling): "matmul",
+             id(r.fwd16): "fwd bf16", id(r.act): "fwd (ACT as configured)", id(r.lin): "fwd (force_halt)"}
     return names[id(store)]
 
 
@@ -361,15 +469,84 @@ def summary(r: PresetResult) -> dict:
         row["fwd_ceiling_frac"] = row["fwd_gflops"] / row["ceiling_gflops"]
         row["fwd_best_ceiling_frac"] = row["fwd_best_gflops"] / row["ceiling_gflops"]
         out["rows"][impl] = row
+    if r.roof:
+        out["roofline"], out["linearity"] = roofline_rows(r), linearity_rows(r)
+        for x in out["roofline"]:  # the target metrics, beside the older ones
+            row = out["rows"][x["impl"]]
+            tag = "32" if x["dtype"] == "float32" else "16"
+            row[f"roof_frac{tag}"] = x["roof_frac"]
+            if tag == "16":
+                row["bf16_x_om32"], row["bf16_x_om16"] = x["x_om32"], x["x_om16"]
+        for impl, lin in out["linearity"].items():
+            out["rows"][impl]["lin_err2"] = lin["err2_forced"]
+            out["rows"][impl]["lin_r2"] = lin["r2"]
     return out
 
 
-TARGETS = [  # (preset, impl, metric, threshold, text)
-    ("bench-s-gqa", "jax", "fwd_x", 2.5, ">="), ("bench-s-gqa", "torch", "fwd_x", 1.5, ">="),
-    ("bench-m-moe64", "jax", "fwd_x", 5.0, ">="), ("bench-m-moe64", "torch", "fwd_x", 3.0, ">="),
-    ("bench-m-moe64", "jax", "fwdbwd_x", 2.0, ">="), ("bench-m-moe64", "torch", "fwdbwd_x", 1.5, ">="),
-    ("bench-m-moe64", "jax", "fwd_ceiling_frac", 0.60, ">="),
-    ("*", "torch", "act2_ratio", 0.40, "<="), ("*", "jax", "act2_ratio", 0.40, "<="),
+def fit_line(ks: list[int], ts: list[float]) -> tuple[float, float, float]:
+    """Least-squares t = a + b k: (a, b, R^2)."""
+    k, t = np.asarray(ks, float), np.asarray(ts, float)
+    b, a = np.polyfit(k, t, 1)
+    res = t - (a + b * k)
+    ss = float(((t - t.mean()) ** 2).sum())
+    return float(a), float(b), 1.0 - float((res ** 2).sum()) / ss if ss > 0 else float("nan")
+
+
+# framework of each implementation's roofline: open-mythos and onnx run torch-class CPU GEMMs
+ROOF_FW = {"open-mythos": "torch", "torch": "torch", "jax": "jax", "onnx": "torch"}
+
+
+def roofline_rows(r: PresetResult) -> list[dict]:
+    """Per implementation and dtype: median forward (all N steps), ratios to open-mythos, roofline fraction, ACT."""
+    rows = []
+    om32, om16 = r.fwd["open-mythos"], r.fwd16["open-mythos"]
+    for dtype, store in (("float32", r.fwd), ("bfloat16", r.fwd16)):
+        for impl in (i for i in IMPLS if i in store):
+            roof = r.roof[f"{ROOF_FW[impl]}/{dtype}"]
+            f = med(store[impl])
+            row = {"impl": impl, "dtype": dtype, "fwd_ms": 1e3 * f, "x_om32": paired(om32, store[impl]),
+                   "x_om16": paired(om16, store[impl]) if dtype == "bfloat16" else None,
+                   "roof_ms": 1e3 * roof["total"], "roof_frac": roof["total"] / f,
+                   "roof_best_frac": roof["total"] / min(store[impl]),
+                   "act_ms": None, "act_steps": None, "act_x": None}
+            if dtype == "float32" and impl in r.act:
+                row.update(act_ms=1e3 * med(r.act[impl]), act_steps=r.act_steps[impl],
+                           act_x=paired(r.act["open-mythos"], r.act[impl]))
+            rows.append(row)
+    return rows
+
+
+def linearity_rows(r: PresetResult) -> dict[str, dict]:
+    """Per twin (float32): forward time against the steps run (force_halt = k), the fit and the halt@2 check.
+
+    The check uses the fixed part and the per-step part from the 1-step and N-step runs (endpoints, so the
+    2-step time is not used to predict itself): fixed + 2/N x (N x per-step) against the measured 2-step
+    forward (force_halt = 2), and against the ACT run that halts by threshold at step 2 (halting bias 0).
+    """
+    out = {}
+    for impl in ("torch", "jax"):
+        ks = list(range(1, N_LOOPS + 1))
+        ts = [med(r.lin[f"{impl}/{k}"]) for k in ks]
+        a, b, r2 = fit_line(ks, ts)
+        b_end = (ts[-1] - ts[0]) / (N_LOOPS - 1)
+        a_end = ts[0] - b_end
+        pred = a_end + 2 * b_end
+        roof = r.roof[f"{impl}/float32"]
+        out[impl] = {"a_ms": 1e3 * a, "b_ms": 1e3 * b, "r2": r2, "fixed_ms": 1e3 * a_end, "step_ms": 1e3 * b_end,
+                     "t_ms": [1e3 * t for t in ts], "pred2_ms": 1e3 * pred, "t2_ms": 1e3 * ts[1],
+                     "err2_forced": abs(ts[1] - pred) / pred,
+                     "act2_ms": 1e3 * med(r.act2[impl]), "err2_act": abs(med(r.act2[impl]) - pred) / pred,
+                     "roof_fixed_ms": 1e3 * roof["fixed"], "roof_step_ms": 1e3 * roof["step"]}
+    return out
+
+
+TARGETS = [  # (preset, impl, metric, threshold, text): issue 18 (the earlier issue's targets are in git history)
+    ("bench-s-gqa", "torch", "bf16_x_om32", 3.0, ">="), ("bench-m-moe64", "torch", "bf16_x_om32", 3.0, ">="),
+    ("bench-s-gqa", "torch", "bf16_x_om16", 2.5, ">="), ("bench-m-moe64", "torch", "bf16_x_om16", 2.5, ">="),
+    ("*", "torch", "roof_frac32", 0.80, ">="), ("*", "jax", "roof_frac32", 0.85, ">="),
+    ("*", "jax", "bf16_x_om32", 2.0, ">="),
+    ("bench-s-gqa", "jax", "fwdbwd_x", 1.3, ">="), ("bench-m-moe64", "jax", "fwdbwd_x", 1.3, ">="),
+    ("*", "torch", "lin_err2", 0.10, "<="), ("*", "jax", "lin_err2", 0.10, "<="),
 ]
 
 
@@ -377,7 +554,7 @@ def target_rows(sums: list[dict]) -> list[tuple[str, str, float, str, bool]]:
     rows = []
     for preset, impl, metric, thr, op in TARGETS:
         for s in sums:
-            if preset in ("*", s["preset"]):
+            if preset in ("*", s["preset"]) and s["rows"][impl].get(metric) is not None:
                 v = s["rows"][impl][metric]
                 ok = v >= thr if op == ">=" else v <= thr
                 rows.append((f"{s['preset']} {impl} {metric}", f"{op} {thr:g}", v, "met" if ok else "MISSED", ok))
@@ -420,6 +597,56 @@ def notes(r: PresetResult) -> str:
     return "; ".join(extra)
 
 
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def extra_tables(s: dict, r: PresetResult) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Issue 18's tables of one preset: (title, columns, rows) for the roofline, its parts and ACT linearity."""
+    if "roofline" not in s:
+        return []
+    t1 = [[x["impl"] + (" (autocast)" if x["impl"] == "open-mythos" and x["dtype"] == "bfloat16" else ""),
+           x["dtype"], f"{x['fwd_ms']:,.1f}", f"{x['x_om32']:.2f}", _f(x["x_om16"], ".2f"), f"{x['roof_ms']:,.1f}",
+           f"{100 * x['roof_frac']:.0f}% (best {100 * x['roof_best_frac']:.0f}%)",
+           "-" if x["act_ms"] is None else f"{x['act_ms']:,.1f} ({x['act_steps']} steps)", _f(x["act_x"], ".2f")]
+          for x in s["roofline"]]
+    c1 = ["model", "dtype", f"fwd ms ({N_LOOPS} steps)", "x om fp32", "x om bf16 autocast", "roofline ms",
+          "roofline / time", "ACT as configured ms", "ACT x om"]
+    t2 = []
+    for key, x in r.roof.items():
+        t2.append([key, f"{1e3 * x['fixed_gemm']:.2f}", f"{1e3 * x['fixed_mem']:.2f}", f"{1e3 * x['step_gemm']:.2f}",
+                   f"{1e3 * x['step_mem']:.2f}", f"{1e3 * x['total']:,.1f}",
+                   f"{x['flops'] / (x['fixed_gemm'] + N_LOOPS * x['step_gemm']) / 1e9:.0f}",
+                   f"{r.bandwidth[key.split('/')[0]] / 1e9:.1f}"])
+    c2 = ["framework/dtype", "fixed GEMM ms", "fixed memory ms", "per-step GEMM ms", "per-step memory ms",
+          f"total ms ({N_LOOPS} steps)", "GEMM GFLOP/s", "copy GB/s"]
+    t3 = []
+    for impl, x in s["linearity"].items():
+        t3.append([impl, f"{x['a_ms']:.1f} + {x['b_ms']:.1f} k", f"{x['r2']:.4f}",
+                   f"{x['fixed_ms']:.1f} (roofline {x['roof_fixed_ms']:.1f})",
+                   f"{x['step_ms']:.1f} (roofline {x['roof_step_ms']:.1f})",
+                   f"{x['pred2_ms']:.1f}", f"{x['t2_ms']:.1f} ({100 * x['err2_forced']:.1f}%)",
+                   f"{x['act2_ms']:.1f} ({100 * x['err2_act']:.1f}%)",
+                   " ".join(f"{t:.0f}" for t in x["t_ms"])])
+    c3 = ["twin (float32)", "fit ms (k steps)", "R^2", "fixed ms (1-step, N-step)", "per-step ms",
+          "predicted halt@2 ms", "forced halt@2 ms (error)", "ACT halt@2 ms (error)", f"ms at k = 1..{N_LOOPS}"]
+    n = len(r.fwd["torch"])
+    return [(f"{s['preset']}: roofline and bfloat16, {s['shape']} tokens, {n} rounds", c1, t1),
+            (f"{s['preset']}: the roofline's parts (fixed: embedding, prelude, coda, head; per loop step)", c2, t2),
+            (f"{s['preset']}: ACT linearity (force_halt = k at every position, early exit), {n} rounds", c3, t3)]
+
+
+def extra_notes(r: PresetResult) -> str:
+    if not r.roof:
+        return ""
+    return ("bfloat16 max |dlogit| / max |logit| vs open-mythos float32: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in r.max_dlogit16.items())
+            + "; ACT as configured: open-mythos' seeded halting head, steps run "
+            + ", ".join(f"{k} {v}" for k, v in r.act_steps.items())
+            + "; roofline: GEMMs best of the warm samples (bench/roofline.py), routed experts at the balanced "
+            f"expectation, other processes used {r.roof_foreign:.2f} cores meanwhile")
+
+
 def markdown(sums: list[dict], results: list[PresetResult]) -> str:
     """The tables of docs/benchmarks.md."""
     lines = []
@@ -429,6 +656,12 @@ def markdown(sums: list[dict], results: list[PresetResult]) -> str:
                   "", "| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
         lines += ["| " + " | ".join(cells(impl, row)) + " |" for impl, row in s["rows"].items()]
         lines += ["", notes(r) + ".", ""]
+        for title, cols, rows in extra_tables(s, r):
+            lines += [f"#### {title}", "", "| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+        if r.roof:
+            lines += [extra_notes(r) + ".", ""]
     lines += ["### Targets", "", "| target | wanted | measured (median of paired ratios) | |", "|---|---|---:|---|"]
     for what, want, v, verdict, _ in target_rows(sums):
         lines.append(f"| {what} | {want} | {v:.2f} | {verdict} |")
@@ -450,6 +683,15 @@ def print_tables(console, sums: list[dict], results: list[PresetResult]) -> None
             t.add_row(*cells(impl, row))
         console.print(t)
         console.print("  " + notes(r))
+        for title, cols, rows in extra_tables(s, r):
+            t = Table(title=title)
+            for col in cols:
+                t.add_column(col, justify="left" if col == cols[0] else "right")
+            for row in rows:
+                t.add_row(*row)
+            console.print(t)
+        if r.roof:
+            console.print("  " + extra_notes(r))
     t = Table(title="targets (ratios to open-mythos at equal loop steps: medians of per-round ratios)")
     for col in ("target", "wanted", "measured", ""):
         t.add_column(col)
@@ -463,30 +705,40 @@ def print_tables(console, sums: list[dict], results: list[PresetResult]) -> None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default=",".join(C.SHAPES), help="comma-separated presets (default: all three)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per preset (default 9; --quick 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--presets", default=None,
+                   help="comma-separated presets (default: all three; --quick: bench-s-gqa)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per preset (default 9; --quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1; --quick 0)")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: batch x tokens = {QUICK_SHAPE}, 2 repeats, no memory")
+                   help=f"smoke run: bench-s-gqa at batch x tokens = {QUICK_SHAPE}, 1 round, no memory, a short "
+                        "roofline, no onnx column")
     p.add_argument("--json", type=Path, help="write raw times and the summary here")
     p.add_argument("--markdown", type=Path, help="write the docs/benchmarks.md tables here")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
+    p.add_argument("--torch-threads", type=int, default=C.TORCH_THREADS,
+                   help=f"torch intra-op threads (default {C.TORCH_THREADS}; 1 is far less hurt by other processes "
+                        "on a shared machine); the roofline's torch GEMMs use the same")
     a = p.parse_args(argv)
-    repeats = a.repeats if a.repeats is not None else (2 if a.quick else 9)
-    names = [n.strip() for n in a.presets.split(",") if n.strip()]
+    repeats = a.repeats if a.repeats is not None else (1 if a.quick else 9)
+    a.warmup = a.warmup if a.warmup is not None else (0 if a.quick else 1)
+    presets = a.presets if a.presets is not None else ("bench-s-gqa" if a.quick else ",".join(C.SHAPES))
+    names = [n.strip() for n in presets.split(",") if n.strip()]
     unknown = [n for n in names if n not in C.SHAPES]
     if unknown:
         p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(C.SHAPES)}")
     if repeats < 1 or a.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    if a.torch_threads < 1:
+        p.error(f"--torch-threads must be >= 1, got {a.torch_threads}")
+    C.TORCH_THREADS = a.torch_threads
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    C.setup_torch()
+    C.setup_torch(a.torch_threads)
     import jax  # noqa: F401  (imported before the first timing, so its start-up is not timed)
 
-    onnx = not a.no_onnx
+    onnx = not a.no_onnx and not a.quick  # the export alone takes ~25 s: not in a smoke run
     if onnx:
         try:
             from weights_bridge.onnx_backend import require
@@ -500,13 +752,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"torch threads {C.TORCH_THREADS}; cpus {os.cpu_count()}; n_loops {N_LOOPS}; "
                   f"repeats {repeats} (+{a.warmup} warmup); load average {os.getloadavg()[0]:.1f}")
     results: list[PresetResult] = []
-    per_round = 11 + 2 * onnx
+    per_round = 11 + 2 * onnx + 6 + 2 * N_LOOPS
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         for name in names:
             batch, tokens = QUICK_SHAPE if a.quick else C.SHAPES[name]
             task = progress.add_task(name, total=per_round * (repeats + a.warmup))
-            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task, onnx))
+            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task, onnx, a.quick))
             progress.update(task, description=f"{name}: done")
     sums = [summary(r) for r in results]
     print_tables(console, sums, results)
