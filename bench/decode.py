@@ -262,7 +262,7 @@ def main() -> None:
     for B in args.batch:
         ids = C.make_ids(s.vocab_size, B, PROMPT)
         runners = {"open-mythos": om_decoder(om, ids, new),
-                   "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch"),
+                   "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch", compile=False),  # eager
                    "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax")}
         if args.torch_compile:
             runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch", compile=True)

@@ -421,8 +421,10 @@ def generate_command(
                                         "max(256, 4 x max_loop_iters))"),
     dtype: Optional[str] = typer.Option(None, help="float32 | float64 | bfloat16 (default: the file's, float32 for a spec)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " (SPEC only)"),
-    compile_: bool = typer.Option(False, "--compile", help="torch: decode steps through torch.compile "
-                                  "(the first call compiles for tens of seconds; jax always compiles)"),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch: decode steps through "
+                                            "torch.compile (default: on unless MYTHOS_COMPILE=0; the first call "
+                                            "compiles for tens of seconds, seconds once cached in "
+                                            "~/.cache/mythos/inductor; jax always compiles)"),
 ) -> None:
     """Generate text with a KV cache, streaming tokens as they come; ends with tokens/s.
 
@@ -484,7 +486,7 @@ def generate_command(
     sys.stdout.flush()
     t0 = time.perf_counter()
     try:
-        extra = {"compile": True} if compile_ and backend == "torch" else {}
+        extra = {"compile": compile_} if backend == "torch" else {}  # None: generate's default (compiled)
         out = model.generate(ids, max_new_tokens, loops, temperature, top_k, top_p, seed, tok.eos_id, on_token=show,
                              **extra)
     finally:

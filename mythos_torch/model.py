@@ -318,10 +318,11 @@ class Mythos(nn.Module):
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, n_loops: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
-                 on_token: Callable[[np.ndarray], None] | None = None, compile: bool = False,
+                 on_token: Callable[[np.ndarray], None] | None = None, compile: bool | None = None,
                  attention_mask: torch.Tensor | None = None, stop: Sequence[Sequence[int]] | None = None
                  ) -> torch.Tensor:
-        """Decode with a KV cache: the prompt, then one token per step; generate.generate(self, ...) has the Args."""
+        """Decode with a KV cache: the prompt, then one token per step; generate.generate(self, ...) has the Args
+        (compile=None: compiled decode steps where that is correct, generate.compile_by_default)."""
         return generate(self, ids, max_new_tokens, n_loops, temperature, top_k, top_p, seed, eos_id, on_token=on_token,
                         compile=compile, attention_mask=attention_mask, stop=stop)
 

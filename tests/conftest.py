@@ -12,6 +12,10 @@ from hypothesis import HealthCheck, settings
 
 import helpers
 
+# generate(compile=None) decodes eagerly here (mythos_torch.generate.COMPILE_ENV): no test pays a torch.compile
+# unless it asks for one (compile=True); CLI subprocesses inherit it
+os.environ.setdefault("MYTHOS_COMPILE", "0")
+
 # `ci` (default): derandomized and bounded so the whole suite fits CI.
 # `thorough`: many random examples, for local runs: MYTHOS_HYPOTHESIS=thorough pytest
 settings.register_profile(
