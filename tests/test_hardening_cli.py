@@ -161,9 +161,9 @@ def test_info_negative_loops_no_negative_flops():
     (["--stop-at", "0"], "--stop-at 0 must lie in [1, --steps=4]"),
     (["--lr", "inf"], "lr=inf must be a finite number"),
     (["--lr", "nan"], "lr=nan"),
-    (["--weight-decay", "inf"], "weight_decay=inf must be a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay=inf must be a finite number"),  # the message names the flag
     (["--loops-min", "1", "--loops-max", "1000"], "--loops-max=1000 must be an integer in [1, 256]"),
-    (["--bptt", "0"], "bptt=0 must be >= 1"),
+    (["--bptt", "0"], "--bptt=0 must be >= 1"),
     (["--difficulty", "3-1"], "difficulty '3-1' must satisfy 1 <= low <= high"),
     (["--dtype", "int8"], "dtype='int8' is not allowed"),
     (["--mesh", "data=2,data=2"], "--mesh: axis 'data' given twice"),
