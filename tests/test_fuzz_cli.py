@@ -85,3 +85,21 @@ def test_check_and_generate_on_drawn_files(data, tmp_path_factory):
     for args in (["check", str(path)], ["generate", str(path), "--prompt", "x", "--max-new-tokens", "1"]):
         r = run(args)
         assert r.exit_code == 2, (args, r.output)
+
+
+SMALL = st.one_of(st.integers(-3, 6).map(str), st.sampled_from(["inf", "nan", "x", "", "1-3", "3-1", "0", "1e9"]))
+STEPS = st.one_of(st.sampled_from(["1,2", "2", "1-3", "0", "-1", "3,x", "", ",", "1,,2", "5-2", "100000"]), st.text(max_size=6))
+RULES = st.sampled_from(["max_confidence", "kl:1e-3", "cumulative:0.5", "kl:", "kl:-1", "fixed:2", "fixed:99",
+                         "fixed:x", "nope", ""])
+
+
+@_settings(25)
+@given(difficulty=SMALL, steps=STEPS, stop=RULES, examples=SMALL, task=st.sampled_from(["pparity", "modadd", "x"]),
+       backend=st.sampled_from(["torch", "jax", "tensorflow"]))
+def test_eval_task_with_drawn_arguments(difficulty, steps, stop, examples, task, backend, tmp_path_factory):
+    """The shipped depth checkpoint under drawn flags: a tiny model, small difficulties, a few rows."""
+    ckpt = os.path.join(os.path.dirname(__file__), "..", "examples", "depth", "checkpoints", "nope-s0.safetensors")
+    out = tmp_path_factory.mktemp("e") / "r.json"
+    r = run(["eval-task", ckpt, "--task", task, "--difficulty", difficulty, "--steps", steps, "--stop", stop,
+             "--examples", examples, "--backend", backend, "--loops", "6", "--json", str(out)])
+    assert (r.exit_code == 0) == out.exists(), r.output
