@@ -68,7 +68,7 @@ def test_trace_structure_matches(all_models):
     to = tm(torch.from_numpy(ids), early_exit=False, attn_probs=True)
     jo = mj.forward(jm, jnp.asarray(ids), early_exit=False, attn_probs=True)
     assert to.traces._fields == jo.traces._fields and to._fields == jo._fields
-    assert to._fields[-1] == "values" and to.traces._fields[-2:] == ("value", "attn_probs")
+    assert to._fields[-2:] == ("values", "step_logits") and to.traces._fields[-2:] == ("value", "attn_probs")
     N, (B, T) = ALL.recurrent.max_loop_iters, ids.shape
     for name in to.traces._fields:
         a, b = _np(getattr(to.traces, name)), _np(getattr(jo.traces, name))
