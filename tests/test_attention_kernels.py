@@ -1,8 +1,9 @@
 """Attention kernels of both twins against a float64 NumPy reference written head by head.
 
 torch runs `F.scaled_dot_product_attention` (plain causal, one query at the last key, or an
-absolute-position mask); jax runs `jax.nn.dot_product_attention` without a cache in float32 and
-bfloat16 and the explicit computation otherwise. `attn_probs=True` takes the explicit path in both
+absolute-position mask); jax runs its blocked causal attention (attention._blocked_attention: query blocks
+that read only the keys up to their last query) without a cache or padding in float32 and bfloat16, and the
+explicit computation otherwise. `attn_probs=True` takes the explicit path in both
 and also returns the probabilities (B, H, T, S) in the acc dtype: torch with a cache sees positions
 0..start_pos+T-1, jax all S positions of its cache (masked ones 0).
 """
@@ -103,7 +104,7 @@ def test_return_probs_is_keyword_only():
 def test_low_precision_kernels_follow_the_reference(dtype):
     """float32: both fused kernels within float32 rounding; bfloat16: softmax in float32, probs float32.
 
-    K_v == K: jax takes jax.nn.dot_product_attention (it needs equal head dims).
+    K_v != K: jax's blocked path takes unequal head dims too.
     """
     q, k, v = inputs(16, 16, 6, 2, seed=2, Kv=8)
     want, want_p = reference(q, k, v, 0.3, 0)
