@@ -17,6 +17,7 @@ from .block import make_block
 from .cache import KVCache, init_cache
 from .generate import TRACE_COUNTS, _cached_forward, _split, generate
 from .layers import RMSNorm, acc_dtype
+from .moe import MoE
 from .precision import mm_einsum, native_bf16_dots, x64_enabled
 from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step, write_frozen
 from .sharding import _constrain, _place_cache
@@ -219,10 +220,11 @@ class Mythos(nnx.Module):
 
         if s.recurrent.checkpoint and cache is None:
             step = jax.checkpoint(step)  # recompute each loop step in the backward pass (ARCHITECTURE.md 5f)
-        elif cache is None:
+        elif cache is None and self.sharding is None and not _expert_parallel(rec):
             # a backward keeps each step's weight matmuls and recomputes the rest (elementwise work, attention):
             # less memory traffic, so faster here (bench-s-gqa forward+backward 1005 -> 915 ms CPU, XLA
-            # temporaries 447 -> 198 MiB; issue 18); the same gradients, and no effect on a forward
+            # temporaries 447 -> 198 MiB; issue 18); the same gradients, and no effect on a forward. Not on a
+            # mesh: the recomputation would repeat the step's collectives (expert parallelism's all-to-alls)
             step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         memory = None
         if rec.cross_loop is not None:  # cross-loop depth memory (N + 1 entries), entry 0 = e
@@ -445,6 +447,11 @@ def _check_step_logits(step_logits: bool, cache: KVCache | None) -> bool:
         raise ValueError("step_logits=True is refused with a cache: the step-wise logits run every loop state "
                          "through the coda without one (call forward without cache=...)")
     return bool(step_logits)
+
+
+def _expert_parallel(rec: RecurrentBlock) -> bool:
+    """Whether the looped block's MoE sends its rows to other devices (MoE.dispatch, expert parallelism)."""
+    return isinstance(rec.block.ffn, MoE) and rec.block.ffn.dispatch is not None
 
 
 def _row_names(spec: Spec) -> tuple[str, str]:
