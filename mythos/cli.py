@@ -729,6 +729,9 @@ def serve_command(
         raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM stops the server as Ctrl-C does
+    # and Ctrl-C always does: a process started in the background of a non-interactive shell inherits SIGINT
+    # ignored, so Python installs no KeyboardInterrupt handler of its own
+    before_int = signal.signal(signal.SIGINT, interrupt)
     try:
         from .serve.engine import Engine, EngineLoop
 
@@ -751,6 +754,7 @@ def serve_command(
     finally:
         server.close()  # the socket, then the engine loop
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 export_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Export a model to another runtime's format.")
