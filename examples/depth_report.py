@@ -142,13 +142,11 @@ def main(root: Path, ship: bool = False, workers: int = int(os.environ.get("REPO
 
 
 def _params(run: Path) -> int:
+    """The model's parameter count, from the spec in its weights file (spec.count_params)."""
+    import spec as S
     import weights_bridge as wb
 
-    arrays = wb.load_arrays(final_weights(run)) if hasattr(wb, "load_arrays") else None
-    if arrays is None:
-        model = wb.load(final_weights(run), backend="torch")
-        return sum(p.numel() for p in model.parameters())
-    return int(sum(np.asarray(a).size for a in arrays.values()))
+    return S.count_params(wb.read_spec(final_weights(run))[0])["total"]
 
 
 # --------------------------------------------------------------------------- tables and the bars
