@@ -56,10 +56,11 @@ def find_weights(checkpoint: str | Path) -> Path:
         raise LoadError(f"checkpoint {str(path)!r} is neither a .safetensors file nor a directory")
     if (path / "weights.safetensors").is_file():  # a step directory of `mythos train`
         return path / "weights.safetensors"
-    steps = sorted((int(p.name[5:]), p) for p in path.glob("step-*")
-                   if p.name[5:].isdigit() and (p / "weights.safetensors").is_file())
-    if steps:  # a run directory: its newest checkpoint
-        return steps[-1][1] / "weights.safetensors"
+    from .train import checkpoints
+
+    steps = [p for _, p in checkpoints(path) if (p / "weights.safetensors").is_file()]
+    if steps:  # a run directory: its newest complete checkpoint
+        return steps[-1] / "weights.safetensors"
     if is_weights_dir(path):  # `mythos export hf`
         import weights_bridge as wb
 
