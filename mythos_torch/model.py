@@ -111,6 +111,15 @@ class Mythos(nn.Module):
             values (B, T) or None, step_logits (N, B, T, V) or None). Pads: loop count 0, never running; their
             logits (and step logits) are finite and meaningless.
         """
+        return self._forward(*self._checked(ids, n_loops, early_exit, force_halt, force_experts, cache, start_pos,
+                                            attn_probs, no_grad_steps, attention_mask, step_logits))
+
+    def _checked(self, ids: torch.Tensor, n_loops: int | None = None, early_exit: bool = True,
+                 force_halt: torch.Tensor | None = None, force_experts: torch.Tensor | None = None,
+                 cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
+                 no_grad_steps: int = 0, attention_mask: torch.Tensor | None = None,
+                 step_logits: bool = False) -> tuple:
+        """forward's arguments checked (a clear error for bad input) -> _forward's arguments, in its order."""
         ids = self._check_ids(ids)
         N = self._check_loops(n_loops)
         B, T = ids.shape
@@ -119,8 +128,8 @@ class Mythos(nn.Module):
         no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
         pad = self._check_mask(attention_mask, cache, start_pos, B, T)
         step_logits = _check_step_logits(step_logits, cache)
-        return self._forward(ids, N, early_exit, force_halt, force_experts, cache, start_pos, bool(attn_probs),
-                             no_grad_steps, pad, step_logits)
+        return (ids, N, early_exit, force_halt, force_experts, cache, start_pos, bool(attn_probs), no_grad_steps, pad,
+                step_logits)
 
     def _forward(self, ids: torch.Tensor, N: int, early_exit: bool, force_halt: torch.Tensor | None,
                  force_experts: torch.Tensor | None, cache: KVCache | None, start_pos: int,
