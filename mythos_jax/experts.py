@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .precision import mm, mm_einsum
+
 
 class Experts(nnx.Module):
     """E routed SwiGLU experts, weights stacked [E, in, out] (`gate`, `up`, `down`)."""
@@ -61,8 +63,8 @@ def _gathered(x: jax.Array, expert: jax.Array, gate: jax.Array, up: jax.Array, d
     N, k = expert.shape
     flat = expert.reshape(-1)  # (M,), row m = (token m // k, slot m % k)
     xs = jnp.repeat(x, k, axis=0)  # (M, D)
-    hs = jax.nn.silu(jnp.einsum("md,mdh->mh", xs, gate[flat])) * jnp.einsum("md,mdh->mh", xs, up[flat])  # (M, hidden)
-    return jnp.einsum("mh,mhd->md", hs, down[flat]).reshape(N, k, -1)
+    hs = jax.nn.silu(mm_einsum("md,mdh->mh", xs, gate[flat])) * mm_einsum("md,mdh->mh", xs, up[flat])  # (M, hidden)
+    return mm_einsum("mh,mhd->md", hs, down[flat]).reshape(N, k, -1)
 
 
 def _tile_sizes(M: int, E: int) -> tuple[int, ...]:
@@ -116,8 +118,8 @@ def expert_tiles(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     for b, level in zip(sizes, tiles):
         def body(i: jax.Array, ys: jax.Array, b: int = b, level: tuple[jax.Array, ...] = level) -> jax.Array:
             x, e, put = _tile(xs, level, i, b)
-            h = jax.nn.silu(x @ gate[e]) * (x @ up[e])  # (b, hidden)
-            return put(ys, h @ down[e])
+            h = jax.nn.silu(mm(x, gate[e])) * mm(x, up[e])  # (b, hidden)
+            return put(ys, mm(h, down[e]))
 
         # a loop, not batched matmuls: each tile reads its expert's weights in place, and the trip
         # count is the tiles in use (a scan would need a static count to be differentiable: hence the VJP)
@@ -159,14 +161,14 @@ def _expert_tiles_bwd(sizes: tuple[int, ...], res: tuple[jax.Array | Tiles, ...]
             x, e, put = _tile(xs, level, i, b)
             mine = (jnp.arange(b) < level[2][i])[:, None]
             gy = jnp.where(mine, jax.lax.dynamic_slice_in_dim(g, level[1][i], b), 0)  # only this expert's rows count
-            a, u = x @ gate[e], x @ up[e]  # (b, hidden)
+            a, u = mm(x, gate[e]), mm(x, up[e])  # (b, hidden)
             sig = jax.nn.sigmoid(a)
             act = a * sig  # silu(a)
-            dh = gy @ down[e].T  # (b, hidden)
+            dh = mm(gy, down[e].T)  # (b, hidden)
             du = dh * act
             da = dh * u * (sig * (1 + a * (1 - sig)))  # silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
-            return (put(dxs, da @ gate[e].T + du @ up[e].T), dgate.at[e].add(x.T @ da), dup.at[e].add(x.T @ du),
-                    ddown.at[e].add((act * u).T @ gy))
+            return (put(dxs, mm(da, gate[e].T) + mm(du, up[e].T)), dgate.at[e].add(mm(x.T, da)),
+                    dup.at[e].add(mm(x.T, du)), ddown.at[e].add(mm((act * u).T, gy)))
 
         grads = jax.lax.fori_loop(0, level[3], body, grads)
     no_grad = tuple((None, None, None, None) for _ in tiles)  # integer tile tables

@@ -16,6 +16,7 @@ from .cache import KVCache
 from .components import ContextCompressor, CrossLoopAttention, MemoryGate
 from .layers import RMSNorm, acc_dtype
 from .moe import Route
+from .precision import mm
 
 
 def add_loop_embedding(h: jax.Array, row: jax.Array) -> jax.Array:
@@ -34,7 +35,7 @@ class LoRA(nnx.Module):
     def __call__(self, o: jax.Array, t: jax.Array) -> jax.Array:
         # steps beyond training depth reuse the last trained scale row (depth extrapolation)
         s = self.scale[...][jnp.minimum(t, self.scale.shape[0] - 1)]  # (r,)
-        return (self.down(o) * s) @ self.B[...]
+        return mm(self.down(o) * s, self.B[...])
 
 
 class LTIInjection(nnx.Module):
