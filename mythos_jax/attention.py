@@ -8,7 +8,7 @@ from flax import nnx
 
 from .cache import KVCache
 from .layers import RMSNorm, acc_dtype, apply_rope
-from .precision import mm_einsum
+from .precision import acc_einsum, mm_einsum
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, q_start: int | jax.Array | None = None,
@@ -55,7 +55,7 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, w
         hi = min(lo + C, T)
         k0 = 0 if window is None else max(0, lo - window + 1)
         qg = q[:, lo:hi].reshape(B, hi - lo, Hkv, H // Hkv, K)  # query head n*G + g reads kv head n
-        scores = jnp.einsum("btngk,bsnk->bngts", qg, k[:, k0:hi], preferred_element_type=acc) * scale
+        scores = acc_einsum("btngk,bsnk->bngts", qg, k[:, k0:hi], acc) * scale
         i = jnp.arange(lo, hi, dtype=jnp.int32)[:, None]  # (t, 1) the block's query positions
         j = jnp.arange(k0, hi, dtype=jnp.int32)[None, :]  # (1, s) its keys'
         causal = j <= i  # (t, s); a window: also j > i - window (a query always sees its own key)

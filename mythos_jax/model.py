@@ -18,7 +18,7 @@ from .cache import KVCache, init_cache
 from .generate import TRACE_COUNTS, _cached_forward, _split, generate
 from .layers import RMSNorm, acc_dtype
 from .moe import MoE
-from .precision import mm_einsum, native_bf16_dots, x64_enabled
+from .precision import autocast_trace, mm_einsum, native_bf16_dots, x64_enabled
 from .recurrent import LoopState, RecurrentBlock, _run_steps, loop_step, write_frozen
 from .sharding import _constrain, _place_cache
 from .weights import load_arrays
@@ -73,8 +73,9 @@ class Mythos(nnx.Module):
         self.rope_dtype = jnp.dtype(dtype) if dtype == jnp.float64 and spec.semantics == "mythos" \
             else jnp.dtype(jnp.float32)
         self.sharding = None  # sharding.Sharding(mesh, strategy) once sharding.shard placed it on a mesh
-        if jnp.dtype(dtype) == jnp.bfloat16:  # bf16 x bf16 dots with float32 sums, on the matrix units
-            native_bf16_dots(self)  # (precision.py: a plain bf16 dot is run in float32 on XLA:CPU)
+        # bf16 x bf16 dots with float32 sums, on the matrix units (precision.py: a plain bf16 dot is run in
+        # float32 on XLA:CPU), and forward(..., autocast=True) of a float32 model; other dots unchanged
+        native_bf16_dots(self)
 
     def __call__(self, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
                  force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
@@ -449,6 +450,18 @@ def _check_step_logits(step_logits: bool, cache: KVCache | None) -> bool:
     return bool(step_logits)
 
 
+def _check_autocast(autocast: bool, model: Mythos, cache: KVCache | None) -> bool:
+    """autocast as a bool, or a clear ValueError: a float32 model's forward without a cache only."""
+    if not isinstance(autocast, bool):
+        raise ValueError(f"autocast={autocast!r} must be True or False")
+    if autocast and model.embed.embedding.dtype != jnp.float32:
+        raise ValueError(f"autocast=True runs a float32 model's matmuls in bfloat16; this model is "
+                         f"{model.embed.embedding.dtype} (build it with dtype='float32', or call without autocast)")
+    if autocast and cache is not None:
+        raise ValueError("autocast=True: the forward without a cache only (decoding runs in the model's dtype)")
+    return autocast
+
+
 def _expert_parallel(rec: RecurrentBlock) -> bool:
     """Whether the looped block's MoE sends its rows to other devices (MoE.dispatch, expert parallelism)."""
     return isinstance(rec.block.ffn, MoE) and rec.block.ffn.dispatch is not None
@@ -485,25 +498,37 @@ def build(spec: Spec, seed: int = 0, dtype: str = "float32",
     return model
 
 
-@functools.partial(nnx.jit, static_argnames=("n_loops", "early_exit", "attn_probs", "no_grad_steps", "step_logits"))
+@functools.partial(jax.jit, static_argnames=("n_loops", "early_exit", "attn_probs", "no_grad_steps", "step_logits",
+                                             "autocast"))
 def _forward(model: Mythos, ids: jax.Array, n_loops: int, early_exit: bool, force_halt: jax.Array | None,
              force_experts: jax.Array | None, attn_probs: bool = False, no_grad_steps: int = 0,
-             attention_mask: jax.Array | None = None, step_logits: bool = False) -> ModelOutput:
+             attention_mask: jax.Array | None = None, step_logits: bool = False, autocast: bool = False) -> ModelOutput:
     """model(ids, ...) without a cache, compiled once per shapes, n_loops, early_exit and the three options
-    (and once more with a padding mask: None, no padding, is the program without one)."""
+    (and once more with a padding mask: None, no padding, is the program without one).
+
+    A plain jax.jit with the model as a pytree (an NNX module is one: its state arrays are the leaves, its
+    structure the treedef, so a changed model compiles again): the forward writes no state, so nnx.jit's
+    graph walks in and out (~5 ms a call, docs/benchmarks.md) buy nothing here."""
     TRACE_COUNTS["forward"] += 1
-    return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
-                 attn_probs=attn_probs, no_grad_steps=no_grad_steps, attention_mask=attention_mask,
-                 step_logits=step_logits)
+    with autocast_trace(autocast):
+        return model(ids, n_loops, early_exit=early_exit, force_halt=force_halt, force_experts=force_experts,
+                     attn_probs=attn_probs, no_grad_steps=no_grad_steps, attention_mask=attention_mask,
+                     step_logits=step_logits)
 
 
 def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_exit: bool = True,
             force_halt: jax.Array | None = None, force_experts: jax.Array | None = None,
             cache: KVCache | None = None, start_pos: int = 0, attn_probs: bool = False,
-            no_grad_steps: int = 0, attention_mask: jax.Array | None = None, step_logits: bool = False) -> ModelOutput:
+            no_grad_steps: int = 0, attention_mask: jax.Array | None = None, step_logits: bool = False,
+            autocast: bool = False) -> ModelOutput:
     """model(ids, ...) compiled: the same call, Args and ModelOutput as Mythos.__call__ (and as the torch twin).
 
-    n_loops, early_exit, attn_probs, no_grad_steps and step_logits are static (nnx.jit compiles one program
+    autocast=True (a float32 model, no cache): the matmuls take bfloat16 operands (float32 sums and results,
+    on the CPU's bfloat16 matrix units), everything else stays float32, as torch.autocast keeps norms and
+    softmax in float32 (docs/design.md "Precision switches"). Faster than a bfloat16 model on XLA:CPU,
+    whose bfloat16 elementwise code runs slower than float32 (docs/benchmarks.md); the bf16 parity rules apply.
+
+    n_loops, early_exit, attn_probs, no_grad_steps and step_logits are static (jax.jit compiles one program
     per value).
     early_exit=True runs a lax.while_loop that stops once no position is running, False a lax.scan over
     all N steps (differentiable); the outputs are identical. With a cache it is honoured under
@@ -521,10 +546,13 @@ def forward(model: Mythos, ids: jax.Array, n_loops: int | None = None, *, early_
     no_grad_steps = _check_no_grad_steps(no_grad_steps, N)
     pad = model._check_mask(attention_mask, cache, start_pos, *ids.shape)
     step_logits = _check_step_logits(step_logits, cache)
+    autocast = _check_autocast(autocast, model, cache)
     if cache is None:
         mask = None if pad is None else jnp.asarray(attention_mask).astype(jnp.int32)
         # step_logits only when asked for: the default call keeps its compiled program
         extra = {"step_logits": True} if step_logits else {}
+        if autocast:
+            extra["autocast"] = True
         return _forward(model, ids, N, early_exit, force_halt, force_experts, bool(attn_probs), no_grad_steps, mask,
                         **extra)
     args = (*_split(model), cache, ids, jnp.int32(start_pos), N, force_halt, force_experts, pad)

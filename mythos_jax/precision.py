@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,10 +26,31 @@ def x64_enabled() -> bool:
     return bool(jax.config.jax_enable_x64)
 
 
+# forward(..., autocast=True) traces the model with this set (a static argument of the compiled forward, so
+# the autocast program and the plain one are cached apart): the float32 model's matmuls take bfloat16
+# operands and return float32 sums; everything else stays float32 (docs/design.md "Precision switches")
+_AUTOCAST: contextvars.ContextVar[bool] = contextvars.ContextVar("mythos_jax_autocast", default=False)
+
+
+@contextlib.contextmanager
+def autocast_trace(on: bool) -> Iterator[None]:
+    """Within: the matmuls traced take bfloat16 operands of float32 ones (float32 sums and results)."""
+    token = _AUTOCAST.set(bool(on))
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
+
+def _autocast(*xs: jax.Array) -> bool:
+    return _AUTOCAST.get() and all(x.dtype == jnp.float32 for x in xs)
+
+
 def bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple, precision: object = None,
                      preferred_element_type: jnp.dtype | None = None, **kw: object) -> jax.Array:
     """lax.dot_general; for two bfloat16 operands (and no preferred type) accumulated in float32 and rounded
-    to bfloat16, as a plain bfloat16 dot computes, but on the CPU's bfloat16 matrix units.
+    to bfloat16, as a plain bfloat16 dot computes, but on the CPU's bfloat16 matrix units. Under
+    autocast_trace two float32 operands are rounded to bfloat16 and the float32 sums returned.
 
     XLA:CPU (jaxlib 0.10) rewrites a bf16 x bf16 -> bf16 dot into converts to float32 and a float32 GEMM;
     bf16 x bf16 -> float32 (preferred_element_type) reaches YNNPACK's bfloat16 kernels natively: 3-4x
@@ -34,20 +59,46 @@ def bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple, p
     if preferred_element_type is None and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32,
                                    **kw).astype(jnp.bfloat16)
+    if preferred_element_type is None and _autocast(lhs, rhs):
+        return jax.lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers, None,
+                                   preferred_element_type=jnp.float32, **kw)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type,
                                **kw)
 
 
 def mm_einsum(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """jnp.einsum of two operands; two bfloat16 ones run as bf16_dot_general does (float32 sums, a bfloat16
-    result, the CPU's bfloat16 matrix units), any other dtype unchanged."""
+    result, the CPU's bfloat16 matrix units), two float32 ones under autocast_trace as bfloat16 operands with
+    float32 sums, any other dtype unchanged."""
     if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
         return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    if _autocast(a, b):
+        return jnp.einsum(subscripts, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
     return jnp.einsum(subscripts, a, b)
 
 
+def acc_einsum(subscripts: str, a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+    """jnp.einsum of two operands with sums and result in acc (attention logits: float32 also for bfloat16);
+    two float32 ones under autocast_trace as bfloat16 operands."""
+    if _autocast(a, b):
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    return jnp.einsum(subscripts, a, b, preferred_element_type=acc)
+
+
+def mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b; two bfloat16 operands run as bf16_dot_general does (float32 sums, a bfloat16 result, the CPU's
+    bfloat16 matrix units), two float32 ones under autocast_trace as bfloat16 operands with float32 sums, any
+    other dtype unchanged."""
+    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    if _autocast(a, b):
+        return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return a @ b
+
+
 def native_bf16_dots(module: nnx.Module) -> int:
-    """Route every nnx.Linear of a bfloat16 module through bf16_dot_general (in place); -> how many."""
+    """Route every nnx.Linear of a module through bf16_dot_general (in place; float32 and float64 dots outside
+    autocast_trace run unchanged); -> how many."""
     n = 0
     for _, m in nnx.iter_modules(module):
         if isinstance(m, nnx.Linear):

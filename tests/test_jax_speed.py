@@ -5,7 +5,10 @@
   edges that do not divide T, GQA and MLA-like K_v != K;
 - bfloat16 dots on the matrix units (precision.bf16_dot_general: bf16 operands, float32 sums, one rounding)
   against the float32 product of the same bf16 values rounded once, and a bfloat16 model whose every
-  nnx.Linear runs them (and whose compiled forward has bf16-operand dots), while a float32 model is untouched.
+  nnx.Linear runs them (and whose compiled forward has bf16-operand dots), while a float32 model is untouched;
+- forward(..., autocast=True): a float32 model's matmuls on bf16 operands (bf16-operand dots in its program,
+  float32 logits within bf16 error of the plain forward, which stays bitwise what it was), refused for a
+  bfloat16 model and with a cache.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from flax import nnx
 import mythos_jax as mj
 from helpers import report, tiny
 from mythos_jax import attention as A
+from mythos_jax import model as M
 from mythos_jax import precision as P
 
 
@@ -82,19 +86,51 @@ def _linears(model: nnx.Module) -> list[nnx.Linear]:
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
 
 
+def _bf16_dots(model: nnx.Module, ids: jax.Array, autocast: bool = False) -> list[str]:
+    """The computations of the compiled forward whose dot reads bf16 parameters: the matrix-unit path (a
+    plain bf16 dot is converted to float32 first on XLA:CPU, so none of its fusions reads bf16)."""
+    hlo = M._forward.lower(model, ids, model._check_loops(None), True, None, None, autocast=autocast
+                           ).compile().as_text()
+    heads = [c.strip().splitlines()[0] for c in hlo.split("\n\n") if " dot(" in c]  # computations with a dot
+    return [h for h in heads if re.search(r"param[\w.]*: bf16\[", h)]
+
+
 def test_bfloat16_model_runs_its_dots_on_bf16_operands() -> None:
     s = tiny()
     m16, m32 = mj.build(s, 0, "bfloat16"), mj.build(s, 0, "float32")
     assert _linears(m16) and all(m.dot_general is P.bf16_dot_general for m in _linears(m16))
-    assert all(m.dot_general is jax.lax.dot_general for m in _linears(m32))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, s.vocab_size, (2, 12)), jnp.int32)
-    graphdef, state = nnx.split(m16)
-    hlo = jax.jit(lambda st, i: nnx.merge(graphdef, st)(i).logits).lower(state, ids).compile().as_text()
-    # fused computations whose dot reads bf16 parameters: the matrix-unit path (a plain bf16 dot is
-    # converted to float32 first on XLA:CPU, so none of its fusions reads bf16)
-    heads = [c.strip().splitlines()[0] for c in hlo.split("\n\n") if " dot(" in c]  # computations with a dot
-    bf16_dots = [h for h in heads if re.search(r"param[\w.]*: bf16\[", h)]
-    assert bf16_dots, "no bf16-operand dot in the compiled bfloat16 forward"
+    assert _bf16_dots(m16, ids), "no bf16-operand dot in the compiled bfloat16 forward"
+    assert not _bf16_dots(m32, ids), "the float32 forward (no autocast) has a bf16-operand dot"
     l16 = np.asarray(mj.forward(m16, ids).logits, np.float64)
     l32 = np.asarray(mj.forward(m32, ids).logits, np.float64)
     assert np.isfinite(l16).all() and report("bf16 vs f32 logits", l16, l32) < 0.1 * np.abs(l32).max() + 0.05
+
+
+def test_autocast_runs_a_float32_model_on_bf16_operands_and_leaves_the_plain_forward_alone() -> None:
+    s = tiny()
+    m = mj.build(s, 0, "float32")
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, s.vocab_size, (2, 16)), jnp.int32)
+    plain = mj.forward(m, ids, early_exit=False)
+    # the bf16 parity rule: replay the float32 run's halting and routing, so near ties cannot flip
+    ac = mj.forward(m, ids, early_exit=False, autocast=True, force_halt=plain.loop_counts,
+                    force_experts=plain.traces.expert_idx)
+    assert ac.logits.dtype == jnp.float32
+    l32, lac = np.asarray(plain.logits, np.float64), np.asarray(ac.logits, np.float64)
+    err = report("autocast vs float32 logits", lac, l32)
+    assert 0 < err < 0.03 * np.abs(l32).max() + 1e-3  # bf16 operands: a few bf16 ulps, and not the float32 program
+    assert _bf16_dots(m, ids, autocast=True), "no bf16-operand dot in the compiled autocast forward"
+    # the autocast program is cached apart: the plain forward is bitwise what it was
+    np.testing.assert_array_equal(np.asarray(mj.forward(m, ids, early_exit=False).logits), np.asarray(plain.logits))
+
+
+def test_autocast_is_refused_for_a_bfloat16_model_and_with_a_cache() -> None:
+    s = tiny()
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="autocast=True .*bfloat16"):
+        mj.forward(mj.build(s, 0, "bfloat16"), ids, autocast=True)
+    m = mj.build(s, 0, "float32")
+    with pytest.raises(ValueError, match="autocast=True: the forward without a cache only"):
+        mj.forward(m, ids, cache=m.init_cache(1), autocast=True)
+    with pytest.raises(ValueError, match="autocast='yes' must be True or False"):
+        mj.forward(m, ids, autocast="yes")
