@@ -26,7 +26,11 @@ in bfloat16), the forward with ACT as configured (open-mythos' own seeded haltin
 the twins' forward with force_halt = k (k = 1..N: ACT linearity, fitted, with the halt@2 check), and
 after the rounds the roofline of this forward (bench/roofline.py: every GEMM shape timed alone in each
 framework and dtype, plus the non-GEMM memory traffic at a measured copy bandwidth), printed as
-roofline / time beside the ratios to open-mythos.
+roofline / time beside the ratios to open-mythos. "torch compiled" is the torch twin through
+mythos_torch.compiled_forward (torch.compile; float32 and bfloat16, all N steps, in the same rounds; its
+first-call compile time and its logits against the eager twin's are reported; --no-compile skips it).
+"jax autocast" is the float32 JAX twin through mythos_jax.forward(..., autocast=True): bfloat16 matmul
+operands with float32 sums, float32 everywhere else (on the bf16 roofline, whose GEMMs it runs).
 """
 
 from __future__ import annotations
@@ -88,6 +92,13 @@ class PresetResult:
     bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s of a large copy, per framework
     roof_foreign: float = 0.0  # CPU cores other processes used while the roofline was measured
     gemm_times: dict[str, dict[str, float]] = field(default_factory=dict)  # "torch/float32" -> {"b,m,k,n": s}
+    # the torch twin through mythos_torch.compiled_forward (torch.compile), float32 and bfloat16, all N steps;
+    # its first-call compile seconds and its logits against the eager twin's (max |dlogit|) per dtype
+    fwdc: dict[str, list[float]] = field(default_factory=dict)  # "float32" | "bfloat16" -> seconds per round
+    compile_torch_s: dict[str, float] = field(default_factory=dict)
+    max_dlogit_c: dict[str, float] = field(default_factory=dict)
+    # the float32 JAX twin under forward(..., autocast=True): bf16 matmul operands, float32 elsewhere
+    fwdac: list[float] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- the three models
@@ -96,7 +107,7 @@ class PresetResult:
 class Case:
     """One preset, loaded three ways, with the calls to time."""
 
-    def __init__(self, name: str, batch: int, tokens: int, onnx: bool = True):
+    def __init__(self, name: str, batch: int, tokens: int, onnx: bool = True, compiled: bool = True):
         import jax
         import torch
 
@@ -118,6 +129,10 @@ class Case:
         self.om_nat, self.pt_nat, self.jx_nat = om_nat, C.import_twin(om_nat, "torch"), C.import_twin(om_nat, "jax")
         arrays = mt.dump_arrays(self.pt)
         self.pt16 = mt.build(self.spec, 0, "bfloat16", arrays)
+        # the compiled torch forwards (the fast path users take for repeated calls); compiled on first use
+        from mythos_torch.generate import compiled_forward
+
+        self.ptc = {"float32": compiled_forward(self.pt), "bfloat16": compiled_forward(self.pt16)} if compiled else {}
         self.jx16 = mj.build(self.spec, 0, "bfloat16", arrays)
         ids = C.make_ids(self.spec.vocab_size, batch, tokens)
         self.ids_np = ids
@@ -153,10 +168,17 @@ class Case:
         with torch.no_grad():
             return (model or self.pt)(self.ids_pt, N_LOOPS)
 
-    def jx_fwd(self, model=None) -> object:
-        out = self._mj.forward(model or self.jx, self.ids_jx, N_LOOPS)
+    def jx_fwd(self, model=None, autocast: bool = False) -> object:
+        out = self._mj.forward(model or self.jx, self.ids_jx, N_LOOPS, autocast=autocast)
         out.logits.block_until_ready()
         return out
+
+    def pt_compiled(self, dtype: str) -> object:
+        """The compiled torch twin, all N steps (early_exit=False: the same work as the halting-free eager call)."""
+        import torch
+
+        with torch.no_grad():
+            return self.ptc[dtype](self.ids_pt, N_LOOPS, early_exit=False)
 
     def om_fwd16(self) -> object:
         """open-mythos under torch.autocast(bfloat16): its matmuls in bf16, the rest as autocast decides."""
@@ -264,12 +286,12 @@ def om_steps(case: Case, model) -> int:
 
 
 def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memory: bool, progress,
-            task, onnx: bool = True, quick: bool = False) -> PresetResult:
+            task, onnx: bool = True, quick: bool = False, compiled: bool = True) -> PresetResult:
     """Build, check and time one preset (progress: a rich Progress advanced once per timed call)."""
     r = PresetResult(name, batch, tokens, spec_lib.flops_per_token(spec_lib.preset(name), tokens, N_LOOPS)["total"])
     r.load.append(os.getloadavg()[0])
     progress.update(task, description=f"{name}: building")
-    case = Case(name, batch, tokens, onnx)
+    case = Case(name, batch, tokens, onnx, compiled)
 
     # equal work: every implementation runs all N_LOOPS steps (and the halting copy stops at 2)
     progress.update(task, description=f"{name}: checking steps and logits")
@@ -297,6 +319,16 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
         r.act2_steps["onnx"] = case.ox_fwd(case.ox2).n_steps
     progress.update(task, description=f"{name}: checking bfloat16, ACT as configured, forced halting")
     check_extra(case, r, ref)
+    for dtype in case.ptc:
+        progress.update(task, description=f"{name}: compiling the torch twin ({dtype}, torch.compile)")
+        eager = (case.pt if dtype == "float32" else case.pt16)
+        t0 = time.perf_counter()
+        out_c = case.pt_compiled(dtype)
+        r.compile_torch_s[dtype] = time.perf_counter() - t0
+        if int(out_c.n_steps) != N_LOOPS:
+            raise RuntimeError(f"{name}: compiled torch ({dtype}) ran {int(out_c.n_steps)} loop steps, expected {N_LOOPS}")
+        want = case.pt_fwd(eager).logits.double()
+        r.max_dlogit_c[dtype] = float((out_c.logits.double() - want).abs().max() / want.abs().max())
     for impl, n in r.steps.items():
         if n != N_LOOPS:
             raise RuntimeError(f"{name}: {impl} ran {n} loop steps, expected {N_LOOPS} (the halting override failed)")
@@ -325,7 +357,9 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
             t, other = C.time_with_load(lambda: result.append(fn()))
             if store is r.ceiling:
                 t = result[0]  # the matmul helpers time their own best call (set-up and warmup excluded)
-            if timed:
+            if timed and isinstance(store, list):
+                store.append(t)
+            elif timed:
                 store.setdefault(impl, []).append(t)
                 r.foreign.setdefault(f"{_label(store, r)}/{impl}", []).append(other)
             progress.advance(task)
@@ -349,11 +383,13 @@ def check_extra(case: Case, r: PresetResult, ref: np.ndarray) -> None:
     """Steps and logits of the issue-18 variants: bf16 (all N steps), ACT as configured, force_halt = k."""
     out = {"open-mythos": case.om_fwd16().float().double().numpy()}
     o_pt, o_jx = case.pt_fwd(case.pt16), case.jx_fwd(case.jx16)
+    o_ac = case.jx_fwd(autocast=True)
     out["torch"], out["jax"] = o_pt.logits.float().double().numpy(), np.asarray(o_jx.logits, np.float64)
+    out["jax autocast"] = np.asarray(o_ac.logits, np.float64)
     scale = float(np.abs(ref).max())  # relative: the logits of a random-init model are tiny
     r.max_dlogit16 = {k: float(np.abs(v - ref).max()) / scale for k, v in out.items()}
     for impl, n in (("open-mythos autocast", C.om_steps(case.om, case.om_fwd16)), ("torch bfloat16", o_pt.n_steps),
-                    ("jax bfloat16", o_jx.n_steps)):
+                    ("jax bfloat16", o_jx.n_steps), ("jax autocast", o_ac.n_steps)):
         if int(n) != N_LOOPS:
             raise RuntimeError(f"{case.name}: {impl} ran {int(n)} loop steps, expected {N_LOOPS}")
     r.act_steps = {"open-mythos": om_steps(case, case.om_nat), "torch": int(case.pt_fwd(case.pt_nat).n_steps),
@@ -367,8 +403,9 @@ def check_extra(case: Case, r: PresetResult, ref: np.ndarray) -> None:
 
 def extra_calls(case: Case, r: PresetResult) -> list[tuple[dict, str, Callable[[], object]]]:
     """The issue-18 measurements, timed in the same rounds as the others (so ratios stay paired)."""
-    calls = [(r.fwd16, "open-mythos", case.om_fwd16), (r.fwd16, "torch", lambda: case.pt_fwd(case.pt16)),
-             (r.fwd16, "jax", lambda: case.jx_fwd(case.jx16)),
+    calls = [(r.fwdc, dtype, lambda dtype=dtype: case.pt_compiled(dtype)) for dtype in case.ptc]
+    calls += [(r.fwd16, "open-mythos", case.om_fwd16), (r.fwd16, "torch", lambda: case.pt_fwd(case.pt16)),
+             (r.fwd16, "jax", lambda: case.jx_fwd(case.jx16)), (r.fwdac, "jax", lambda: case.jx_fwd(autocast=True)),
              (r.act, "open-mythos", lambda: case.om_fwd(case.om_nat)), (r.act, "torch", lambda: case.pt_fwd(case.pt_nat)),
              (r.act, "jax", lambda: case.jx_fwd(case.jx_nat))]
     for k in range(1, N_LOOPS + 1):
@@ -400,7 +437,8 @@ def measure_roofline(case: Case, r: PresetResult, repeats: int, mib: int) -> Non
 
 def _label(store: dict, r: PresetResult) -> str:
     names = {id(r.fwd): "fwd", id(r.act2): "fwd (halt at 2)", id(r.fwdbwd): "fwd+bwd", id(r.ceiling): "matmul",
-             id(r.fwd16): "fwd bf16", id(r.act): "fwd (ACT as configured)", id(r.lin): "fwd (force_halt)"}
+             id(r.fwd16): "fwd bf16", id(r.act): "fwd (ACT as configured)", id(r.lin): "fwd (force_halt)",
+             id(r.fwdc): "fwd compiled", id(r.fwdac): "fwd autocast"}
     return names[id(store)]
 
 
@@ -472,7 +510,7 @@ def summary(r: PresetResult) -> dict:
     if r.roof:
         out["roofline"], out["linearity"] = roofline_rows(r), linearity_rows(r)
         for x in out["roofline"]:  # the target metrics, beside the older ones
-            row = out["rows"][x["impl"]]
+            row = out["rows"].setdefault(x["impl"], {}) if x["impl"] in EXTRA_ROWS else out["rows"][x["impl"]]
             tag = "32" if x["dtype"] == "float32" else "16"
             row[f"roof_frac{tag}"] = x["roof_frac"]
             if tag == "16":
@@ -491,6 +529,9 @@ def fit_line(ks: list[int], ts: list[float]) -> tuple[float, float, float]:
     ss = float(((t - t.mean()) ** 2).sum())
     return float(a), float(b), 1.0 - float((res ** 2).sum()) / ss if ss > 0 else float("nan")
 
+
+# rows of the roofline table only (no fwd+bwd, ACT or memory columns)
+EXTRA_ROWS = ("torch compiled", "jax autocast")
 
 # framework of each implementation's roofline: open-mythos and onnx run torch-class CPU GEMMs
 ROOF_FW = {"open-mythos": "torch", "torch": "torch", "jax": "jax", "onnx": "torch"}
@@ -513,6 +554,18 @@ def roofline_rows(r: PresetResult) -> list[dict]:
                 row.update(act_ms=1e3 * med(r.act[impl]), act_steps=r.act_steps[impl],
                            act_x=paired(r.act["open-mythos"], r.act[impl]))
             rows.append(row)
+        if dtype == "bfloat16" and r.fwdac:  # the float32 JAX twin, autocast: bf16 GEMMs (the bf16 roofline)
+            roof, c = r.roof["jax/bfloat16"], r.fwdac
+            rows.append({"impl": "jax autocast", "dtype": dtype, "fwd_ms": 1e3 * med(c), "x_om32": paired(om32, c),
+                         "x_om16": paired(om16, c), "roof_ms": 1e3 * roof["total"],
+                         "roof_frac": roof["total"] / med(c), "roof_best_frac": roof["total"] / min(c),
+                         "act_ms": None, "act_steps": None, "act_x": None})
+        if dtype in r.fwdc:  # the compiled torch twin, on torch's roofline
+            roof, c = r.roof[f"torch/{dtype}"], r.fwdc[dtype]
+            rows.append({"impl": "torch compiled", "dtype": dtype, "fwd_ms": 1e3 * med(c), "x_om32": paired(om32, c),
+                         "x_om16": paired(om16, c) if dtype == "bfloat16" else None, "roof_ms": 1e3 * roof["total"],
+                         "roof_frac": roof["total"] / med(c), "roof_best_frac": roof["total"] / min(c),
+                         "act_ms": None, "act_steps": None, "act_x": None})
     return rows
 
 
@@ -543,8 +596,12 @@ def linearity_rows(r: PresetResult) -> dict[str, dict]:
 TARGETS = [  # (preset, impl, metric, threshold, text): issue 18 (the earlier issue's targets are in git history)
     ("bench-s-gqa", "torch", "bf16_x_om32", 3.0, ">="), ("bench-m-moe64", "torch", "bf16_x_om32", 3.0, ">="),
     ("bench-s-gqa", "torch", "bf16_x_om16", 2.5, ">="), ("bench-m-moe64", "torch", "bf16_x_om16", 2.5, ">="),
-    ("*", "torch", "roof_frac32", 0.80, ">="), ("*", "jax", "roof_frac32", 0.85, ">="),
-    ("*", "jax", "bf16_x_om32", 2.0, ">="),
+    ("bench-s-gqa", "torch compiled", "bf16_x_om32", 3.0, ">="), ("bench-m-moe64", "torch compiled", "bf16_x_om32", 3.0, ">="),
+    ("bench-s-gqa", "torch compiled", "bf16_x_om16", 2.5, ">="),
+    ("bench-m-moe64", "torch compiled", "bf16_x_om16", 2.5, ">="),
+    ("*", "torch", "roof_frac32", 0.80, ">="), ("*", "torch compiled", "roof_frac32", 0.80, ">="),
+    ("*", "jax", "roof_frac32", 0.85, ">="),
+    ("*", "jax", "bf16_x_om32", 2.0, ">="), ("*", "jax autocast", "bf16_x_om32", 2.0, ">="),
     ("bench-s-gqa", "jax", "fwdbwd_x", 1.3, ">="), ("bench-m-moe64", "jax", "fwdbwd_x", 1.3, ">="),
     ("*", "torch", "lin_err2", 0.10, "<="), ("*", "jax", "lin_err2", 0.10, "<="),
 ]
@@ -554,7 +611,7 @@ def target_rows(sums: list[dict]) -> list[tuple[str, str, float, str, bool]]:
     rows = []
     for preset, impl, metric, thr, op in TARGETS:
         for s in sums:
-            if preset in ("*", s["preset"]) and s["rows"][impl].get(metric) is not None:
+            if preset in ("*", s["preset"]) and s["rows"].get(impl, {}).get(metric) is not None:
                 v = s["rows"][impl][metric]
                 ok = v >= thr if op == ">=" else v <= thr
                 rows.append((f"{s['preset']} {impl} {metric}", f"{op} {thr:g}", v, "met" if ok else "MISSED", ok))
@@ -644,7 +701,9 @@ def extra_notes(r: PresetResult) -> str:
             + "; ACT as configured: open-mythos' seeded halting head, steps run "
             + ", ".join(f"{k} {v}" for k, v in r.act_steps.items())
             + "; roofline: GEMMs best of the warm samples (bench/roofline.py), routed experts at the balanced "
-            f"expectation, other processes used {r.roof_foreign:.2f} cores meanwhile")
+            f"expectation, other processes used {r.roof_foreign:.2f} cores meanwhile"
+            + "".join(f"; torch compiled {d}: first call (compile) {r.compile_torch_s[d]:.0f} s, max |dlogit| / max "
+                      f"|logit| vs the eager twin {r.max_dlogit_c[d]:.1e}" for d in r.fwdc))
 
 
 def markdown(sums: list[dict], results: list[PresetResult]) -> str:
@@ -654,7 +713,8 @@ def markdown(sums: list[dict], results: list[PresetResult]) -> str:
         title = f"{s['preset']}: {s['shape']} tokens, {N_LOOPS} loop steps in all three, {len(r.fwd['torch'])} rounds"
         lines += [f"### {title}",
                   "", "| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
-        lines += ["| " + " | ".join(cells(impl, row)) + " |" for impl, row in s["rows"].items()]
+        lines += ["| " + " | ".join(cells(impl, row)) + " |" for impl, row in s["rows"].items()
+                   if "fwd_tok_s" in row]
         lines += ["", notes(r) + ".", ""]
         for title, cols, rows in extra_tables(s, r):
             lines += [f"#### {title}", "", "| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
@@ -680,7 +740,8 @@ def print_tables(console, sums: list[dict], results: list[PresetResult]) -> None
         for col in COLUMNS:
             t.add_column(col, justify="left" if col == "model" else "right")
         for impl, row in s["rows"].items():
-            t.add_row(*cells(impl, row))
+            if "fwd_tok_s" in row:  # "torch compiled" has only the roofline table's metrics
+                t.add_row(*cells(impl, row))
         console.print(t)
         console.print("  " + notes(r))
         for title, cols, rows in extra_tables(s, r):
@@ -715,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write raw times and the summary here")
     p.add_argument("--markdown", type=Path, help="write the docs/benchmarks.md tables here")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the compiled torch rows (mythos_torch.compiled_forward; their first calls compile, "
+                        "~20-40 s each; --quick skips them too)")
     p.add_argument("--torch-threads", type=int, default=C.TORCH_THREADS,
                    help=f"torch intra-op threads (default {C.TORCH_THREADS}; 1 is far less hurt by other processes "
                         "on a shared machine); the roofline's torch GEMMs use the same")
@@ -752,13 +816,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"torch threads {C.TORCH_THREADS}; cpus {os.cpu_count()}; n_loops {N_LOOPS}; "
                   f"repeats {repeats} (+{a.warmup} warmup); load average {os.getloadavg()[0]:.1f}")
     results: list[PresetResult] = []
-    per_round = 11 + 2 * onnx + 6 + 2 * N_LOOPS
+    compiled = not a.no_compile and not a.quick
+    per_round = 11 + 2 * onnx + 7 + 2 * N_LOOPS + 2 * compiled
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         for name in names:
             batch, tokens = QUICK_SHAPE if a.quick else C.SHAPES[name]
             task = progress.add_task(name, total=per_round * (repeats + a.warmup))
-            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task, onnx, a.quick))
+            results.append(measure(name, batch, tokens, repeats, a.warmup, not a.quick, progress, task, onnx, a.quick,
+                                   compiled))
             progress.update(task, description=f"{name}: done")
     sums = [summary(r) for r in results]
     print_tables(console, sums, results)

@@ -206,9 +206,15 @@ def time_gemms_torch(gemms: list[Gemm], dtype: str, repeats: int = 20) -> dict[t
 
 
 def time_gemms_jax(gemms: list[Gemm], dtype: str, repeats: int = 20) -> dict[tuple[int, int, int, int], float]:
-    """Best seconds of one jitted jnp.matmul per distinct shape (compiled, warm, calls back to back, blocked on)."""
+    """Best seconds of one jitted matmul per distinct shape (compiled, warm, calls back to back, blocked on).
+
+    The matmul is the JAX twin's own (mythos_jax.precision.mm): in bfloat16 float32 sums and a bf16 result,
+    the form that reaches the CPU's bfloat16 units (a plain bf16 x bf16 -> bf16 dot runs in float32 on XLA:CPU).
+    """
     import jax
     import jax.numpy as jnp
+
+    from mythos_jax.precision import mm as twin_mm
 
     jd = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     rng = np.random.default_rng(0)
@@ -217,7 +223,7 @@ def time_gemms_jax(gemms: list[Gemm], dtype: str, repeats: int = 20) -> dict[tup
         b, m, k, n = shape
         a = jnp.asarray(rng.standard_normal((b, m, k) if b > 1 else (m, k), dtype=np.float32), jd)
         w = jnp.asarray(rng.standard_normal((b, k, n) if b > 1 else (k, n), dtype=np.float32), jd)
-        mm = jax.jit(jnp.matmul)
+        mm = jax.jit(twin_mm)
 
         def run(r: int, a=a, w=w, mm=mm) -> None:
             y = None
