@@ -82,6 +82,8 @@ def acc_einsum(subscripts: str, a: jax.Array, b: jax.Array, acc: jnp.dtype) -> j
     two float32 ones under autocast_trace as bfloat16 operands."""
     if _autocast(a, b):
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    if a.dtype == acc and b.dtype == acc:  # no preferred type: its backward adds converts (slower on XLA:CPU)
+        return jnp.einsum(subscripts, a, b)
     return jnp.einsum(subscripts, a, b, preferred_element_type=acc)
 
 
