@@ -57,6 +57,14 @@ def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: in
     done = np.zeros(B, dtype=bool)
     new: list[np.ndarray] = []
     out = _cached_forward(static, leaves, cache, ids, jnp.int32(0), N, None, None, pad)  # prefill: the cache keeps pad
+    if temperature == 0 and not stop and on_token is None and max_new_tokens > 1:
+        # greedy with nothing to report per token: every step on the device in one program (no host round trip
+        # per token); argmax ties to the lower id, as sample_next's, so the tokens are the host loop's
+        logits = np.asarray(out.logits)[:, -1].astype(np.float64)
+        tok, done = finish_step(sample_next(logits, rng), new, done, eos_id, stop)
+        tail, _ = _greedy_steps(static, leaves, out.cache, jnp.asarray(tok, jnp.int32), jnp.asarray(done), jnp.int32(T),
+                                jnp.int32(max_new_tokens), N, pad, eos_id)
+        return jnp.concatenate([ids, tail[:, :max_new_tokens]], axis=1)
     for i in range(max_new_tokens):
         logits = np.asarray(out.logits)[:, -1].astype(np.float64)  # (B, V)
         tok = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
@@ -110,6 +118,42 @@ def _cached_forward(static: _Static, leaves: list[jax.Array], cache: KVCache, id
     graphdef, treedef = static.value
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     return model._forward(ids, n_loops, early_exit, force_halt, force_experts, cache, start_pos, attn_probs, pad=pad)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 9), donate_argnums=(2,))
+def _greedy_steps(static: _Static, leaves: list[jax.Array], cache: KVCache, tok: jax.Array, done: jax.Array,
+                  T: jax.Array, n_new: jax.Array, n_loops: int, pad: jax.Array | None, eos_id: int | None
+                  ) -> tuple[jax.Array, KVCache]:
+    """Greedy decoding after the prefill, on the device: tok (B,) is new token 0 (sampled on the host), done
+    (B,) its rows already finished; -> ((B, capacity) int32 whose first n_new columns are new tokens
+    0..n_new-1 (a finished row's later tokens: eos_id, or -1 without one), as generate's host loop makes
+    them; the cache after the last step).
+
+    One lax.while_loop over the steps (it stops once every row is done); each step is _cached_forward's
+    forward at position T + i - 1, then argmax of its last logits. n_new and T are traced, so one program
+    serves every prompt length and token count of a cache capacity."""
+    TRACE_COUNTS["greedy_steps"] += 1
+    graphdef, treedef = static.value
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    fill = jnp.int32(-1 if eos_id is None else eos_id)
+    B, capacity = tok.shape[0], cache.capacity
+    buf = jnp.full((B, capacity), fill, jnp.int32).at[:, 0].set(tok.astype(jnp.int32))
+
+    def running(c: tuple) -> jax.Array:
+        i, _, _, done, _ = c
+        return (i < n_new) & ~jnp.all(done)
+
+    def step(c: tuple) -> tuple:
+        i, cache, tok, done, buf = c
+        ids = jnp.maximum(tok, 0)[:, None]  # a done row's -1 fill runs as id 0
+        out = model._forward(ids, n_loops, True, None, None, cache, T + i - 1, False, pad=pad)
+        nxt = jnp.where(done, fill, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32))
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        return i + 1, out.cache, nxt, done, jax.lax.dynamic_update_slice(buf, nxt[:, None], (jnp.int32(0), i))
+
+    _, cache, _, _, buf = jax.lax.while_loop(running, step, (jnp.int32(1), cache, tok.astype(jnp.int32), done, buf))
+    return buf, cache  # the cache too: its donated buffers are updated in place
 
 
 def _split(model: nnx.Module) -> tuple[_Static, list[jax.Array]]:

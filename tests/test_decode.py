@@ -262,19 +262,42 @@ def test_errors_come_before_any_work(twin, monkeypatch):
 
 
 def test_jax_one_compiled_step_serves_every_position():
-    """Batch 1 is a shape no other test compiles: exactly two programs (the prefill and the decode
-    step) serve a whole generate, then more generates and every position through forward()."""
+    """Batch 1 is a shape no other test compiles: a greedy generate is two programs (the prefill and the
+    on-device greedy loop, which serves other token counts too); a sampled one adds the decode step, which
+    then serves every position through forward()."""
     m = model("jax", "gqa", "float64")
-    count = lambda: mj.generate.TRACE_COUNTS["cached_forward"]  # noqa: E731
-    before = count()
-    generate("jax", m, ids_for(8, P)[:1], NEW)  # a prefill and NEW - 1 decode steps
-    assert count() - before == 2, f"{count() - before} traces for one prefill and {NEW - 1} decode steps"
-    generate("jax", m, ids_for(9, P)[:1], NEW, temperature=1.0, seed=1)  # other tokens, other positions
+    count = lambda: (mj.generate.TRACE_COUNTS["cached_forward"], mj.generate.TRACE_COUNTS["greedy_steps"])  # noqa: E731
+    c0, g0 = count()
+    generate("jax", m, ids_for(8, P)[:1], NEW)  # a prefill, then NEW - 1 steps in one loop on the device
+    assert count() == (c0 + 1, g0 + 1), f"{count()} traces for one greedy generate, from {(c0, g0)}"
+    generate("jax", m, ids_for(7, P)[:1], NEW - 3)  # other tokens, fewer steps: the same two programs
+    assert count() == (c0 + 1, g0 + 1)
+    generate("jax", m, ids_for(9, P)[:1], NEW, temperature=1.0, seed=1)  # sampled on the host: the decode step
+    assert count() == (c0 + 2, g0 + 1)
     cache = m.init_cache(1, L)
     for i in range(L):  # every position through forward(..., cache=...): the decode step's program
         cache = mj.forward(m, ids_for(9)[:1, i:i + 1], cache=cache, start_pos=i).cache
-    assert count() - before == 2
-    print(f"jax: 2 compiled programs for {2 * NEW + L} calls at {L} positions")
+    assert count() == (c0 + 2, g0 + 1)
+    print(f"jax: 3 compiled programs for {3 * NEW + L} calls at {L} positions")
+
+
+@pytest.mark.parametrize("config", ["gqa", "om-mla"])
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_jax_greedy_loop_on_the_device_gives_the_host_loops_tokens(config, with_eos):
+    """generate's greedy path without a per-token callback (one lax.while_loop on the device) against its
+    host loop (taken when on_token is given): the same tokens, and the streamed ones are those tokens.
+    With eos_id: the token row 0 emits at step 3 without one, so that row finishes inside the loop."""
+    m = model("jax", config, "float32")
+    prompt = ids_for(11, P)
+    eos_id = int(generate("jax", m, prompt, NEW)[0, P + 3]) if with_eos else None
+    device = generate("jax", m, prompt, NEW, eos_id=eos_id)
+    streamed: list[np.ndarray] = []
+    host = generate("jax", m, prompt, NEW, eos_id=eos_id, on_token=streamed.append)
+    np.testing.assert_array_equal(device, host)
+    np.testing.assert_array_equal(np.stack(streamed, axis=1), host[:, P:P + len(streamed)])
+    if with_eos:  # row 0 emitted eos_id by step 3 and holds it to the end
+        first = int(np.argmax(device[0, P:] == eos_id))
+        assert first <= 3 and (device[0, P + first:] == eos_id).all()
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
