@@ -20,6 +20,9 @@ to split, and a second OpenMP thread only adds wake-ups (on a shared 2-core mach
 that made both torch models 10-20x slower in our runs). JAX keeps its own CPU thread pool.
 --torch-compile adds "mythos_torch (compiled)": a second torch twin whose decode steps run through
 torch.compile (model.generate(..., compile=True); opt-in, its compilation is in the warmup, reported apart).
+"mythos_jax (on device)" is the JAX twin's generate without on_token: greedy decoding runs every step in one
+on-device loop (no host round trip per token); timed as a 1-token generate (prefill and first token) and the
+whole generate, the decode span their difference.
 "onnxruntime" (when the [onnx] extra is installed; --no-onnx skips it) is the torch twin's decode-step
 graph (`mythos export onnx --cache`: past_*/present_* cache arrays) run by weights_bridge.onnx_backend's
 generate with --threads intra-op threads; its export is in the warmup, reported apart.
@@ -105,6 +108,20 @@ def twin_decoder(model, ids: np.ndarray, new: int, backend: str, **extra: object
         out = model.generate(prompt, new, n_loops=N_LOOPS, on_token=lambda tok: stamps.append(time.perf_counter()),
                              **extra)
         return stamps[0] - t0, stamps[-1] - stamps[0], np.asarray(out)[:, ids.shape[1]:]
+
+    return run
+
+
+def jax_greedy_decoder(model, ids: np.ndarray, new: int) -> Callable[[], tuple[float, float, np.ndarray]]:
+    """The JAX twin's model.generate without a callback (greedy: every decode step in one on-device loop),
+    timed from outside: a 1-token generate (prefill and first token), then the whole one; the decode span
+    is their difference (new - 1 tokens)."""
+    def run() -> tuple[float, float, np.ndarray]:
+        t0 = time.perf_counter()
+        np.asarray(model.generate(ids, 1, n_loops=N_LOOPS))
+        t1 = time.perf_counter()
+        out = np.asarray(model.generate(ids, new, n_loops=N_LOOPS))
+        return t1 - t0, (time.perf_counter() - t1) - (t1 - t0), out[:, ids.shape[1]:]
 
     return run
 
@@ -263,7 +280,8 @@ def main() -> None:
         ids = C.make_ids(s.vocab_size, B, PROMPT)
         runners = {"open-mythos": om_decoder(om, ids, new),
                    "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch", compile=False),  # eager
-                   "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax")}
+                   "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax"),
+                   "mythos_jax (on device)": jax_greedy_decoder(twins["jax"], ids, new)}
         if args.torch_compile:
             runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch", compile=True)
         if onnx_model is not None:
