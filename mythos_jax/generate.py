@@ -59,7 +59,8 @@ def generate(model: nnx.Module, ids: jax.Array, max_new_tokens: int, n_loops: in
     out = _cached_forward(static, leaves, cache, ids, jnp.int32(0), N, None, None, pad)  # prefill: the cache keeps pad
     if temperature == 0 and not stop and on_token is None and max_new_tokens > 1:
         # greedy with nothing to report per token: every step on the device in one program (no host round trip
-        # per token); argmax ties to the lower id, as sample_next's, so the tokens are the host loop's
+        # per token); argmax ties to the lower id, as sample_next's, so the tokens are the host loop's (the loop is
+        # another compiled program: in float32 its logits may round differently, which can matter only at a near tie)
         logits = np.asarray(out.logits)[:, -1].astype(np.float64)
         tok, done = finish_step(sample_next(logits, rng), new, done, eos_id, stop)
         tail, _ = _greedy_steps(static, leaves, out.cache, jnp.asarray(tok, jnp.int32), jnp.asarray(done), jnp.int32(T),
