@@ -46,6 +46,21 @@ def _autocast(*xs: jax.Array) -> bool:
     return _AUTOCAST.get() and all(x.dtype == jnp.float32 for x in xs)
 
 
+def _plan(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jnp.dtype | None, jnp.dtype | None]:
+    """The one rule of every matmul here -> (a, b, preferred_element_type, result dtype or None: as is).
+    Two bfloat16 operands: float32 sums rounded once to bfloat16 (the CPU's bf16 units); two float32 ones under
+    autocast_trace: rounded to bfloat16, float32 sums kept; any other pair unchanged."""
+    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+        return a, b, jnp.float32, jnp.bfloat16
+    if _autocast(a, b):
+        return a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), jnp.float32, None
+    return a, b, None, None
+
+
+def _finish(y: jax.Array, out: jnp.dtype | None) -> jax.Array:
+    return y if out is None else y.astype(out)
+
+
 def bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple, precision: object = None,
                      preferred_element_type: jnp.dtype | None = None, **kw: object) -> jax.Array:
     """lax.dot_general; for two bfloat16 operands (and no preferred type) accumulated in float32 and rounded
@@ -56,25 +71,19 @@ def bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple, p
     bf16 x bf16 -> float32 (preferred_element_type) reaches YNNPACK's bfloat16 kernels natively: 3-4x
     the float32 GEMM's speed on AMX (docs/benchmarks.md). The arithmetic is the same (exact bf16 products,
     float32 sums, one rounding)."""
-    if preferred_element_type is None and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32,
-                                   **kw).astype(jnp.bfloat16)
-    if preferred_element_type is None and _autocast(lhs, rhs):
-        return jax.lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers, None,
-                                   preferred_element_type=jnp.float32, **kw)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type,
-                               **kw)
+    if preferred_element_type is not None:  # the caller chose
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type, **kw)
+    lhs, rhs, pref, out = _plan(lhs, rhs)
+    return _finish(jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=pref, **kw), out)
 
 
 def mm_einsum(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """jnp.einsum of two operands; two bfloat16 ones run as bf16_dot_general does (float32 sums, a bfloat16
     result, the CPU's bfloat16 matrix units), two float32 ones under autocast_trace as bfloat16 operands with
     float32 sums, any other dtype unchanged."""
-    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
-        return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-    if _autocast(a, b):
-        return jnp.einsum(subscripts, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-    return jnp.einsum(subscripts, a, b)
+    a, b, pref, out = _plan(a, b)
+    return _finish(jnp.einsum(subscripts, a, b, preferred_element_type=pref), out)
 
 
 def acc_einsum(subscripts: str, a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -91,11 +100,8 @@ def mm(a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b; two bfloat16 operands run as bf16_dot_general does (float32 sums, a bfloat16 result, the CPU's
     bfloat16 matrix units), two float32 ones under autocast_trace as bfloat16 operands with float32 sums, any
     other dtype unchanged."""
-    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
-        return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-    if _autocast(a, b):
-        return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-    return a @ b
+    a, b, pref, out = _plan(a, b)
+    return _finish(jnp.matmul(a, b, preferred_element_type=pref), out)
 
 
 def native_bf16_dots(module: nnx.Module) -> int:
