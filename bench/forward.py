@@ -98,7 +98,7 @@ class PresetResult:
     compile_torch_s: dict[str, float] = field(default_factory=dict)
     max_dlogit_c: dict[str, float] = field(default_factory=dict)
     # the float32 JAX twin under forward(..., autocast=True): bf16 matmul operands, float32 elsewhere
-    fwdac: list[float] = field(default_factory=list)
+    fwdac: dict[str, list[float]] = field(default_factory=dict)  # "jax" -> seconds per round
 
 
 # --------------------------------------------------------------------------- the three models
@@ -357,9 +357,7 @@ def measure(name: str, batch: int, tokens: int, repeats: int, warmup: int, memor
             t, other = C.time_with_load(lambda: result.append(fn()))
             if store is r.ceiling:
                 t = result[0]  # the matmul helpers time their own best call (set-up and warmup excluded)
-            if timed and isinstance(store, list):
-                store.append(t)
-            elif timed:
+            if timed:
                 store.setdefault(impl, []).append(t)
                 r.foreign.setdefault(f"{_label(store, r)}/{impl}", []).append(other)
             progress.advance(task)
@@ -555,7 +553,7 @@ def roofline_rows(r: PresetResult) -> list[dict]:
                            act_x=paired(r.act["open-mythos"], r.act[impl]))
             rows.append(row)
         if dtype == "bfloat16" and r.fwdac:  # the float32 JAX twin, autocast: bf16 GEMMs (the bf16 roofline)
-            roof, c = r.roof["jax/bfloat16"], r.fwdac
+            roof, c = r.roof["jax/bfloat16"], r.fwdac["jax"]
             rows.append({"impl": "jax autocast", "dtype": dtype, "fwd_ms": 1e3 * med(c), "x_om32": paired(om32, c),
                          "x_om16": paired(om16, c), "roof_ms": 1e3 * roof["total"],
                          "roof_frac": roof["total"] / med(c), "roof_best_frac": roof["total"] / min(c),
