@@ -4,6 +4,7 @@
     python bench/decode.py --new-tokens 16 --repeats 3 --batch 1
     python bench/decode.py --torch-compile      # also the torch twin with torch.compile'd decode steps
     python bench/decode.py --halted-kv-sweep    # decode.halted_kv: tokens/s against the loop steps run
+    python bench/decode.py --dtype bfloat16     # the twins built in bfloat16, open-mythos under bf16 autocast
 
 One process, one set of weights: open-mythos 0.5.0's model is built with the bench-s-gqa dims
 (seeded torch init) and imported into both twins with weights_bridge.from_open_mythos. Every model
@@ -23,6 +24,10 @@ torch.compile (model.generate(..., compile=True); opt-in, its compilation is in 
 "mythos_jax (on device)" is the JAX twin's generate without on_token: greedy decoding runs every step in one
 on-device loop (no host round trip per token); timed as a 1-token generate (prefill and first token) and the
 whole generate, the decode span their difference.
+--dtype bfloat16: both twins are built in bfloat16 from the imported weights (mythos_*.build(spec, 0,
+"bfloat16", arrays): bf16 weights and activations, float32 router/norm/softmax/ACT sums as ARCHITECTURE.md
+requires) and open-mythos decodes under torch.autocast("cpu", bfloat16), its own way to run in bf16; ONNX is
+float32 only and is left out. bf16 rounding can flip a near-tied argmax, so the token agreement lines count.
 "onnxruntime" (when the [onnx] extra is installed; --no-onnx skips it) is the torch twin's decode-step
 graph (`mythos export onnx --cache`: past_*/present_* cache arrays) run by weights_bridge.onnx_backend's
 generate with --threads intra-op threads; its export is in the warmup, reported apart.
@@ -48,6 +53,7 @@ import common as C  # noqa: E402  (bench/common.py: open-mythos model, weight im
 PRESET = "bench-s-gqa"
 N_LOOPS = 8
 PROMPT = 64
+OM32 = "open-mythos (float32)"  # the extra reference row of a --dtype bfloat16 run
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,15 +78,20 @@ class Result:
         return 1e3 * statistics.median(self.decode) / (new - 1)
 
 
-def om_decoder(om, ids: np.ndarray, new: int) -> Callable[[], tuple[float, float, np.ndarray]]:
-    """open-mythos' own incremental decode: its forward with a dict kv_cache, greedy."""
+def om_decoder(om, ids: np.ndarray, new: int, autocast: bool = False
+               ) -> Callable[[], tuple[float, float, np.ndarray]]:
+    """open-mythos' own incremental decode: its forward with a dict kv_cache, greedy (autocast: under
+    torch.autocast("cpu", bfloat16))."""
+    import contextlib
+
     import torch
 
     def run() -> tuple[float, float, np.ndarray]:
         x = torch.from_numpy(ids)
         T = ids.shape[1]
         out = []
-        with torch.inference_mode():
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), bf16:
             t0 = time.perf_counter()
             cache: dict = {}
             tok = om(x, n_loops=N_LOOPS, kv_cache=cache, start_pos=0)[:, -1].argmax(-1, keepdim=True)
@@ -247,6 +258,8 @@ def main() -> None:
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time the torch twin with torch.compile'd decode steps (compiles for minutes)")
     ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime's decode-step graph")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the twins' dtype (bfloat16: open-mythos under bf16 autocast, no ONNX); default float32")
     ap.add_argument("--halted-kv-sweep", action="store_true",
                     help="only the decode.halted_kv sweep: tokens/s against the mean loop steps, compute vs freeze")
     ap.add_argument("--sweep-preset", default="bench-s-gqa", help="the sweep's preset (default bench-s-gqa)")
@@ -272,16 +285,26 @@ def main() -> None:
     twins = {b: C.import_twin(om, b) for b in ("torch", "jax")}
     if args.torch_compile:
         twins["torch (compiled)"] = C.import_twin(om, "torch")
-    onnx_model = None if args.no_onnx else onnx_twin(twins["torch"], args.threads)
+    bf16 = args.dtype == "bfloat16"
+    if bf16:  # the same weights, built in bfloat16 (the twins' own cast)
+        import mythos_jax as mj
+        import mythos_torch as mt
+
+        arrays = mt.dump_arrays(twins["torch"])
+        libs = {"torch": mt, "jax": mj, "torch (compiled)": mt}
+        twins = {k: libs[k].build(m.spec, 0, "bfloat16", arrays) for k, m in twins.items()}
+    onnx_model = None if args.no_onnx or bf16 else onnx_twin(twins["torch"], args.threads)
     warm: dict[tuple[int, str], float] = {}
     s = C.om_spec(PRESET)
     results: list[Result] = []
     for B in args.batch:
         ids = C.make_ids(s.vocab_size, B, PROMPT)
-        runners = {"open-mythos": om_decoder(om, ids, new),
+        runners = {"open-mythos": om_decoder(om, ids, new, autocast=bf16),
                    "mythos_torch": twin_decoder(twins["torch"], ids, new, "torch", compile=False),  # eager
                    "mythos_jax": twin_decoder(twins["jax"], ids, new, "jax"),
                    "mythos_jax (on device)": jax_greedy_decoder(twins["jax"], ids, new)}
+        if bf16:  # the float32 reference too: the ratio users quote against upstream as it ships
+            runners[OM32] = om_decoder(om, ids, new)
         if args.torch_compile:
             runners["mythos_torch (compiled)"] = twin_decoder(twins["torch (compiled)"], ids, new, "torch", compile=True)
         if onnx_model is not None:
@@ -311,15 +334,17 @@ def main() -> None:
     lines = table(results, new)
     ref_tokens = {r.batch: r.tokens for r in results if r.name == "open-mythos"}
     agree = [f"- batch {r.batch}, {r.name}: {int((r.tokens == ref_tokens[r.batch]).sum())}/{r.tokens.size} greedy "
-             "tokens equal open-mythos'" for r in results if r.name != "open-mythos"]
+             "tokens equal open-mythos'" for r in results if not r.name.startswith("open-mythos")]
     agree += [f"- batch {B}, {name}: first (warmup) run {s:.1f} s, compilation included"
-              for (B, name), s in warm.items() if name != "open-mythos"]
-    print("\n".join(lines + [""] + agree))
+              for (B, name), s in warm.items() if not name.startswith("open-mythos")]
+    kind = ("bfloat16 twins; \"open-mythos\" under bf16 autocast, \"open-mythos (float32)\" as it ships"
+            if bf16 else "float32")
+    print("\n".join([f"dtype: {kind}", ""] + lines + [""] + agree))
     if args.out is not None:
         cmd = "python bench/decode.py " + " ".join(sys.argv[1:])
         body = [f"# Decode benchmark ({PRESET} dims, open-mythos weights)", "",
                 f"Command: `{cmd}`", "", f"Machine: {env}.", "",
-                f"Prompt {PROMPT} tokens, {new} new tokens per run (greedy), {N_LOOPS} loop steps per token "
+                f"Dtype: {kind}. Prompt {PROMPT} tokens, {new} new tokens per run (greedy), {N_LOOPS} loop steps per token "
                 f"(all run: KV cache), medians of {args.repeats} interleaved repeats (and the fastest repeat "
                 "of each).", "",
                 *lines, "", *agree, ""]
@@ -333,13 +358,15 @@ def main() -> None:
 def table(results: list[Result], new: int) -> list[str]:
     """A markdown table: decode tokens/s (median, best), ms per step, prefill ms, ratios to open-mythos."""
     ref = {r.batch: r for r in results if r.name == "open-mythos"}
+    ref32 = {r.batch: r for r in results if r.name == OM32}  # a bfloat16 run: the float32 reference as well
     out = ["| batch | implementation | decode tokens/s | ms per step | prefill ms | vs open-mythos | "
-           "best repeat: tokens/s | best vs best |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+           + ("vs open-mythos float32 | " if ref32 else "") + "best repeat: tokens/s | best vs best |",
+           "|---:|---|---:|---:|---:|---:|" + ("---:|" if ref32 else "") + "---:|---:|"]
     for r in results:
         o = ref[r.batch]
+        vs32 = f"{r.rate(new) / ref32[r.batch].rate(new):.2f}x | " if ref32 else ""
         out.append(f"| {r.batch} | {r.name} | {r.rate(new):,.0f} | {r.step_ms(new):.2f} | "
-                   f"{1e3 * statistics.median(r.prefill):.1f} | {r.rate(new) / o.rate(new):.2f}x | "
+                   f"{1e3 * statistics.median(r.prefill):.1f} | {r.rate(new) / o.rate(new):.2f}x | {vs32}"
                    f"{r.best(new):,.0f} | {r.best(new) / o.best(new):.2f}x |")
     return out
 
