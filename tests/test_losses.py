@@ -144,3 +144,27 @@ def test_consistency_in_total_loss_with_the_value_head():
     assert abs(float(lt) - float(lj)) <= 1e-13 * abs(float(lt))
     assert abs(float(lt) - float(parts["ce"]) - 0.5 * float(parts["consistency"])) < 1e-13
     assert float(parts["consistency"]) > 0
+
+
+def test_jax_cross_entropy_gradient_is_softmax_minus_onehot(acts):
+    """The JAX cross-entropy's hand-written VJP: its gradient against the formula (softmax - onehot) times
+    mask / count, computed in float64 NumPy here, and against torch's autograd through log_softmax; its value
+    is the log_softmax value bit for bit (float32)."""
+    logits, targets, mask = acts["logits"], acts["targets"], acts["mask"]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = (p - np.eye(logits.shape[-1])[targets]) * (mask / mask.sum())[..., None]
+    g_jax = jax.grad(JL.cross_entropy)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(g_jax), expected, rtol=1e-12, atol=1e-15)
+    x = torch.tensor(logits, requires_grad=True)
+    TL.cross_entropy(x, torch.tensor(targets), torch.tensor(mask)).backward()
+    np.testing.assert_allclose(np.asarray(g_jax), x.grad.numpy(), rtol=1e-12, atol=1e-15)
+    x32 = jnp.asarray(logits, jnp.float32)
+    autodiff = -jnp.take_along_axis(jax.nn.log_softmax(x32, axis=-1), jnp.asarray(targets)[..., None], -1)[..., 0]
+    assert np.array_equal(np.asarray(JL._nll(x32, jnp.asarray(targets, jnp.int32))), np.asarray(autodiff))
+    steps = jnp.asarray(np.stack([logits, -logits]))  # step_nll: (N, B, T, V), the same VJP per step
+    g_steps = jax.grad(lambda s: JL.step_nll(s, jnp.asarray(targets)).sum())(steps)
+    onehot = np.eye(logits.shape[-1])[targets]
+    q = np.exp(-logits - (-logits).max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(g_steps), np.stack([p - onehot, q - onehot]), rtol=1e-12, atol=1e-15)
