@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from .cache import KVCache
 from .layers import RMSNorm, acc_dtype, apply_rope
@@ -50,28 +53,90 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, w
 
     q, k and v are laid out heads-major once ((B, H_kv, G, T, K), (B, H_kv, T, K)), so each block's two
     products are plain batched matmuls over (B, H_kv) with no per-block transposes (half the time of the
-    token-major einsums on XLA:CPU)."""
+    token-major einsums on XLA:CPU). The backward is written out (`_attention_core`'s VJP); a loop step's
+    backward keeps the output and the log-sum-exp (model.py's remat policy) instead of recomputing the forward."""
     B, T, H, K = q.shape
     Hkv = k.shape[2]
-    G = H // Hkv
-    acc = acc_dtype(q.dtype)
-    C = max(Q_BLOCK, -(-T // 16))  # each block is its own code in the program: at most 16 of them
-    qh = q.reshape(B, T, Hkv, G, K).transpose(0, 2, 3, 1, 4)  # query head n*G + g reads kv head n
+    qh = q.reshape(B, T, Hkv, H // Hkv, K).transpose(0, 2, 3, 1, 4)  # query head n*G + g reads kv head n
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, H_kv, T, K), (B, H_kv, T, K_v)
-    outs = []
+    out, lse = _attention_core(qh, kh, vh, scale, window)
+    out, _ = checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_OUT)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, -1)
+
+
+# the name under which the attention core's output and log-sum-exp are saved for the backward pass
+ATTENTION_OUT = "attention_out"
+
+
+def _blocks(T: int, window: int | None) -> list[tuple[int, int, int, jax.Array]]:
+    """The query blocks [lo, hi) of _blocked_attention, each with its first key k0 and its (t, s) mask."""
+    C = max(Q_BLOCK, -(-T // 16))  # each block is its own code in the program: at most 16 of them
+    out = []
     for lo in range(0, T, C):
         hi = min(lo + C, T)
         k0 = 0 if window is None else max(0, lo - window + 1)
-        scores = acc_einsum("bngtk,bnsk->bngts", qh[:, :, :, lo:hi], kh[:, :, k0:hi], acc) * scale
         i = jnp.arange(lo, hi, dtype=jnp.int32)[:, None]  # (t, 1) the block's query positions
         j = jnp.arange(k0, hi, dtype=jnp.int32)[None, :]  # (1, s) its keys'
         causal = j <= i  # (t, s); a window: also j > i - window (a query always sees its own key)
         if window is not None:
             causal = causal & (j > i - window)
-        p = jax.nn.softmax(jnp.where(causal, scores, jnp.array(-jnp.inf, acc)), axis=-1).astype(v.dtype)
+        out.append((lo, hi, k0, causal))
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention_core(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, window: int | None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Heads-major blocked causal attention: qh (B, H_kv, G, T, K), kh (B, H_kv, T, K), vh (B, H_kv, T, K_v)
+    -> (out (B, H_kv, G, T, K_v), the logits' log-sum-exp per query (B, H_kv, G, T) in the acc dtype)."""
+    acc = acc_dtype(qh.dtype)
+    outs, lses = [], []
+    for lo, hi, k0, causal in _blocks(qh.shape[3], window):
+        scores = acc_einsum("bngtk,bnsk->bngts", qh[:, :, :, lo:hi], kh[:, :, k0:hi], acc) * scale
+        scores = jnp.where(causal, scores, jnp.array(-jnp.inf, acc))
+        top = jnp.max(scores, axis=-1, keepdims=True)  # every query sees its own key: finite
+        e = jnp.exp(scores - top)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        p = (e / total).astype(vh.dtype)  # jax.nn.softmax's arithmetic
         outs.append(mm_einsum("bngts,bnsk->bngtk", p, vh[:, :, k0:hi]))  # (B, H_kv, G, t, K_v)
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # (B, H_kv, G, T, K_v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, -1)
+        lses.append((top + jnp.log(total))[..., 0])
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+def _attention_core_fwd(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, window: int | None
+                        ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    out, lse = _attention_core(qh, kh, vh, scale, window)
+    return (out, lse), (qh, kh, vh, out, lse)
+
+
+def _attention_core_bwd(scale: float, window: int | None, res: tuple[jax.Array, ...],
+                        g: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The attention gradients block by block from the saved log-sum-exp (FlashAttention's backward):
+    p = exp(s - lse), dv = p^T do, ds = p (do v^T - rowsum(do * out) + d lse), dq = ds k scale, dk = ds^T q scale.
+    The row sums rowsum(do * out) replace the softmax backward's sums over keys (K_v long rows, not S long)."""
+    qh, kh, vh, out, lse = res
+    g_out, g_lse = g
+    acc = acc_dtype(qh.dtype)
+    T = qh.shape[3]
+    rows = jnp.sum(g_out.astype(acc) * out.astype(acc), axis=-1)  # (B, H_kv, G, T)
+    dq, dk, dv = [], jnp.zeros(kh.shape, acc), jnp.zeros(vh.shape, acc)
+    for lo, hi, k0, causal in _blocks(T, window):
+        q_b, k_b, v_b, do = qh[:, :, :, lo:hi], kh[:, :, k0:hi], vh[:, :, k0:hi], g_out[:, :, :, lo:hi]
+        scores = acc_einsum("bngtk,bnsk->bngts", q_b, k_b, acc) * scale
+        p = jnp.where(causal, jnp.exp(scores - lse[:, :, :, lo:hi, None]), 0)  # (B, H_kv, G, t, s) acc
+        dp = acc_einsum("bngtk,bnsk->bngts", do, v_b, acc)
+        ds = p * (dp - rows[:, :, :, lo:hi, None] + g_lse[:, :, :, lo:hi, None].astype(acc)) * scale
+        pad = ((0, 0), (0, 0), (k0, T - hi), (0, 0))  # this block's keys k0..hi-1 of all T
+        dv = dv + jnp.pad(acc_einsum("bngts,bngtk->bnsk", p.astype(vh.dtype), do, acc), pad)
+        dk = dk + jnp.pad(acc_einsum("bngts,bngtk->bnsk", ds, q_b, acc), pad)
+        dq.append(acc_einsum("bngts,bnsk->bngtk", ds, k_b, acc))
+    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=3)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def attention_probs(q: jax.Array, k: jax.Array, scale: float, start: int | jax.Array,

@@ -10,8 +10,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from .precision import mm, mm_einsum
+
+# the name under which the tiles' output is saved for the backward pass (jax.checkpoint policies)
+EXPERT_OUT = "expert_out"
 
 
 class Experts(nnx.Module):
@@ -48,6 +52,7 @@ class Experts(nnx.Module):
         xs = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[src]  # (M + b, D); token N is the zero row
         tiles = _tiles(counts, sizes, N * k)
         ys = expert_tiles(xs, self.gate[...], self.up[...], self.down[...], tiles, sizes)  # (M + b, D)
+        ys = checkpoint_name(ys, EXPERT_OUT)  # a loop step's backward keeps it (model.py's remat policy)
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
         return ys[inverse].reshape(N, k, D)  # back to (token, slot) order
 

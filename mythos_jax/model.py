@@ -13,8 +13,10 @@ from flax import nnx
 
 from spec import Spec, cache_shapes, init_arrays, loop_table, rope_table
 
+from .attention import ATTENTION_OUT
 from .block import make_block
 from .cache import KVCache, init_cache
+from .experts import EXPERT_OUT
 from .generate import TRACE_COUNTS, _cached_forward, _split, generate
 from .layers import RMSNorm, acc_dtype
 from .moe import MoE
@@ -24,6 +26,13 @@ from .sharding import _constrain, _place_cache
 from .weights import load_arrays
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
+
+# what a loop step's backward keeps from its forward (the rest is recomputed): the weight matmuls' outputs,
+# the routed experts' output and the attention core's output and log-sum-exp (custom VJPs are not dots to
+# the policy: without the names the backward ran the experts' and the attention's forward again)
+_STEP_POLICY = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(EXPERT_OUT, ATTENTION_OUT))
 
 
 class Traces(NamedTuple):
@@ -226,7 +235,7 @@ class Mythos(nnx.Module):
             # less memory traffic, so faster here (bench-s-gqa forward+backward 1005 -> 915 ms CPU, XLA
             # temporaries 447 -> 198 MiB; issue 18); the same gradients, and no effect on a forward. Not on a
             # mesh: the recomputation would repeat the step's collectives (expert parallelism's all-to-alls)
-            step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+            step = jax.checkpoint(step, policy=_STEP_POLICY)
         memory = None
         if rec.cross_loop is not None:  # cross-loop depth memory (N + 1 entries), entry 0 = e
             memory = tuple(jnp.zeros((N + 1, *x.shape), x.dtype).at[0].set(x) for x in rec.cross_loop.entry(e))

@@ -134,3 +134,36 @@ def test_autocast_is_refused_for_a_bfloat16_model_and_with_a_cache() -> None:
         mj.forward(m, ids, cache=m.init_cache(1), autocast=True)
     with pytest.raises(ValueError, match="autocast='yes' must be True or False"):
         mj.forward(m, ids, autocast="yes")
+
+
+@pytest.mark.parametrize("T,window", [(150, None), (97, 5)])
+def test_attention_core_vjp_equals_autodiff_of_the_formula_float64(T: int, window: int | None) -> None:
+    """The blocked core's hand-written backward (from the saved log-sum-exp) against JAX's autodiff of the plain
+    masked-softmax formula, in float64, with cotangents on both outputs (out and the log-sum-exp)."""
+    B, Hkv, G, K, Kv, scale = 2, 2, 2, 8, 6, 0.3
+    rng = np.random.default_rng(T)
+    qh, kh, vh = (jnp.asarray(rng.standard_normal(s), jnp.float64)
+                  for s in ((B, Hkv, G, T, K), (B, Hkv, T, K), (B, Hkv, T, Kv)))
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    mask = (j <= i) & ((j > i - window) if window is not None else True)
+
+    def formula(qh, kh, vh):
+        s = jnp.where(mask, jnp.einsum("bngtk,bnsk->bngts", qh, kh) * scale, -jnp.inf)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        return jnp.einsum("bngts,bnsk->bngtk", jnp.exp(s - lse[..., None]), vh), lse
+
+    w_out, w_lse = (jnp.asarray(rng.standard_normal(s)) for s in ((B, Hkv, G, T, Kv), (B, Hkv, G, T)))
+
+    def loss(f):
+        def value(qh, kh, vh):
+            out, lse = f(qh, kh, vh)
+            return jnp.sum(out * w_out) + jnp.sum(jnp.tanh(lse) * w_lse)
+        return value
+    got_val = A._attention_core(qh, kh, vh, scale, window)
+    want_val = formula(qh, kh, vh)
+    for a, b in zip(got_val, want_val):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    got = jax.grad(loss(lambda *a: A._attention_core(*a, scale, window)), (0, 1, 2))(qh, kh, vh)
+    want = jax.grad(loss(formula), (0, 1, 2))(qh, kh, vh)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-11)
