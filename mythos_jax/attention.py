@@ -54,17 +54,16 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, w
     q, k and v are laid out heads-major once ((B, H_kv, G, T, K), (B, H_kv, T, K)), so each block's two
     products are plain batched matmuls over (B, H_kv) with no per-block transposes (half the time of the
     token-major einsums on XLA:CPU). The backward is written out (`_attention_core`'s VJP); a loop step's
-    backward keeps the output and the log-sum-exp (model.py's remat policy) instead of recomputing the forward."""
+    backward keeps the output (model.py's remat policy); the log-sum-exp, a residual of the VJP, is recomputed."""
     B, T, H, K = q.shape
     Hkv = k.shape[2]
     qh = q.reshape(B, T, Hkv, H // Hkv, K).transpose(0, 2, 3, 1, 4)  # query head n*G + g reads kv head n
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, H_kv, T, K), (B, H_kv, T, K_v)
-    out, lse = _attention_core(qh, kh, vh, scale, window)
-    out, _ = checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_OUT)
+    out = checkpoint_name(_attention_core(qh, kh, vh, scale, window)[0], ATTENTION_OUT)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, -1)
 
 
-# the name under which the attention core's output and log-sum-exp are saved for the backward pass
+# the name under which the attention core's output is saved for the backward pass
 ATTENTION_OUT = "attention_out"
 
 

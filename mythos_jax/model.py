@@ -28,7 +28,7 @@ from .weights import load_arrays
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
 
 # what a loop step's backward keeps from its forward (the rest is recomputed): the weight matmuls' outputs,
-# the routed experts' output and the attention core's output and log-sum-exp (custom VJPs are not dots to
+# the routed experts' output and the attention core's output (custom VJPs are not dots to
 # the policy: without the names the backward ran the experts' and the attention's forward again)
 _STEP_POLICY = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
